@@ -1,0 +1,14 @@
+"""deepseek-jax: DeepSeek-V2 (MLA + DeepSeekMoE) in JAX/Flax. The public API (DESIGN.md 4)."""
+
+from deepseek_jax.config import ModelConfig, YarnConfig, preset
+from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
+
+__all__ = [
+    "DeepSeekV2",
+    "ModelConfig",
+    "Output",
+    "YarnConfig",
+    "init_cache",
+    "init_params",
+    "preset",
+]

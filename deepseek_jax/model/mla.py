@@ -1,0 +1,109 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1).
+
+Legend: B batch, T query positions, S key positions, D model width, H heads,
+N nope dim (dn), R rope dim (dr), V value dim (dv), Q q latent (r_q), C kv latent (r_kv).
+
+Paper equations (2.1.2 low-rank key-value joint compression, 2.1.3 decoupled RoPE):
+    c_Q   = RMSNorm(W_DQ h)                  (9)   q_C = W_UQ c_Q      (10)   q_R = RoPE(W_QR c_Q) (12)
+    c_KV  = RMSNorm(W_DKV h)                  (1)   k_C = W_UK c_KV     (2)    v_C = W_UV c_KV      (3)
+    k_R   = RoPE(W_KR h)                      (13)  one k_R shared by all heads
+    o_t,i = sum_j softmax_j(q_t,i . k_j,i / sqrt(dn + dr)) v_j,i       (17)  u = W_O o  (18)
+With r_q = None (V2-Lite) the query is projected from h directly: q_C = W_UQ h, q_R = W_QR h.
+
+Two ways to compute the same scores:
+  * expanded (training, prefill): k_C and v_C are materialised per head for every key;
+  * absorbed (decode): W_UK folds into the query and W_UV into the output, so attention runs
+    against the cached latents [c_KV | k_R] (C + R numbers per token) and never expands them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.layers import RMSNorm, weight
+from deepseek_jax.model.rope import apply_rope, softmax_scale
+
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
+
+
+def attend(scores_BHTS: jnp.ndarray, mask_BTS: jnp.ndarray) -> jnp.ndarray:
+    """Masked softmax in float32 over keys."""
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), NEG_INF)
+    return jax.nn.softmax(scores_BHTS, axis=-1)
+
+
+class MLA(nn.Module):
+    """MLA over x [B, T, D]. Returns the output [B, T, D] and the latent cache of this call.
+
+    `cache` None: expanded attention among the T positions under `mask` [B, T, T]; the
+    returned latents [B, T, C + R] are what a prefill writes to the cache.
+    `cache` [B, S, C + R]: the new latents are written at `positions` (cache index = position),
+    then absorbed attention over all S slots under `mask` [B, T, S]; returns the updated cache.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        d, h, c = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+        n, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_in, q_axis = d, "embed"
+        if cfg.q_lora_rank is not None:
+            q_in, q_axis = cfg.q_lora_rank, "q_lora"
+            self.w_dq = weight(self, "w_dq", cfg, (d, q_in), ("embed", "q_lora"))
+            self.q_norm = RMSNorm(cfg, axis_name="q_lora")
+        self.w_uq = weight(self, "w_uq", cfg, (q_in, h, n), (q_axis, "heads", "head_dim"))
+        self.w_qr = weight(self, "w_qr", cfg, (q_in, h, r), (q_axis, "heads", "head_dim"))
+        self.w_dkv = weight(self, "w_dkv", cfg, (d, c), ("embed", "kv_lora"))
+        self.w_kr = weight(self, "w_kr", cfg, (d, r), ("embed", "head_dim"))
+        self.kv_norm = RMSNorm(cfg, axis_name="kv_lora")
+        self.w_uk = weight(self, "w_uk", cfg, (c, h, n), ("kv_lora", "heads", "head_dim"))
+        self.w_uv = weight(self, "w_uv", cfg, (c, h, v), ("kv_lora", "heads", "head_dim"))
+        self.w_o = weight(self, "w_o", cfg, (h, v, d), ("heads", "head_dim", "embed"))
+
+    def queries(self, x_BTD, cos, sin):
+        """q_C [B, T, H, N] and roped q_R [B, T, H, R]: equations (9), (10), (12)."""
+        c_q = x_BTD
+        if self.cfg.q_lora_rank is not None:
+            c_q = self.q_norm(x_BTD @ self.w_dq)  # BTQ
+        q_c = jnp.einsum("BTQ,QHN->BTHN", c_q, self.w_uq)
+        q_r = apply_rope(jnp.einsum("BTQ,QHR->BTHR", c_q, self.w_qr), cos, sin)
+        return q_c, q_r
+
+    def latents(self, x_BTD, cos, sin):
+        """[c_KV | k_R] of shape [B, T, C + R]: equations (1) and (13), the cached numbers."""
+        c_kv = self.kv_norm(x_BTD @ self.w_dkv)  # BTC
+        k_r = apply_rope(x_BTD @ self.w_kr, cos, sin)  # BTR
+        return jnp.concatenate([c_kv, k_r], axis=-1)
+
+    def __call__(self, x_BTD, cos, sin, mask, positions_BT=None, cache=None):
+        c = self.cfg.kv_lora_rank
+        scale = softmax_scale(self.cfg)
+        q_c, q_r = self.queries(x_BTD, cos, sin)
+        new_latents = self.latents(x_BTD, cos, sin)
+
+        if cache is None:
+            with jax.named_scope("mla_expanded"):
+                c_kv, k_r = new_latents[..., :c], new_latents[..., c:]
+                k_c = jnp.einsum("BSC,CHN->BSHN", c_kv, self.w_uk)  # (2)
+                v_c = jnp.einsum("BSC,CHV->BSHV", c_kv, self.w_uv)  # (3)
+                scores = jnp.einsum("BTHN,BSHN->BHTS", q_c, k_c)
+                scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
+                probs = attend(scores * scale, mask).astype(v_c.dtype)
+                o = jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (17)
+            return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (18)
+
+        with jax.named_scope("mla_absorbed"):
+            rows = jnp.arange(x_BTD.shape[0])[:, None]
+            cache = cache.at[rows, positions_BT].set(new_latents.astype(cache.dtype))
+            c_kv, k_r = cache[..., :c].astype(x_BTD.dtype), cache[..., c:].astype(x_BTD.dtype)
+            q_latent = jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk)  # W_UK absorbed into q
+            scores = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_kv)
+            scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
+            probs = attend(scores * scale, mask).astype(c_kv.dtype)
+            o_latent = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv)
+            o = jnp.einsum("BTHC,CHV->BTHV", o_latent, self.w_uv)  # W_UV absorbed into output
+        return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), cache
