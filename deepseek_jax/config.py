@@ -187,6 +187,17 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Every field as JSON-ready data (our own format; `to_hf` is the HF one)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> ModelConfig:
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+        return cls(**fields)
+
     # HF config.json ----------------------------------------------------------------------------
 
     @classmethod

@@ -1,0 +1,1 @@
+"""Tokenizers, sources, grain pipelines and packing."""
