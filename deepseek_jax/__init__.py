@@ -1,5 +1,6 @@
 """deepseek-jax: DeepSeek-V2 (MLA + DeepSeekMoE) in JAX/Flax. The public API (DESIGN.md 4)."""
 
+from deepseek_jax.checkpoint import load_checkpoint, load_hf, save_hf
 from deepseek_jax.config import ModelConfig, YarnConfig, preset
 from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
 
@@ -10,5 +11,8 @@ __all__ = [
     "YarnConfig",
     "init_cache",
     "init_params",
+    "load_checkpoint",
+    "load_hf",
     "preset",
+    "save_hf",
 ]

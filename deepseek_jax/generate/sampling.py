@@ -1,0 +1,61 @@
+"""Next-token sampling: greedy, temperature, top-k and nucleus (top-p), all in float32.
+
+Legend: B batch, V vocabulary, K kept candidates.
+
+The settings are static (Python numbers) so that greedy decoding compiles to a plain argmax
+and each filter exists in the graph only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def check_settings(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raises on settings that would sample from nothing or divide by zero."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k={top_k}: must be a positive integer, or None for no limit")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1], or None for no limit")
+
+
+def top_k_filter(logits_BV: jnp.ndarray, k: int) -> jnp.ndarray:
+    """Keeps the k largest logits of each row (ties at the k-th value are all kept)."""
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV < kth_B1, NEG_INF, logits_BV)
+
+
+def top_p_filter(logits_BV: jnp.ndarray, p: float) -> jnp.ndarray:
+    """Keeps the smallest set of most likely tokens whose probability reaches p (nucleus)."""
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # A token stays if the mass strictly before it is still short of p: the top token always
+    # stays, and so does the one that crosses p.
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_BV = before_BV < p
+    cutoff_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV < cutoff_B1, NEG_INF, logits_BV)
+
+
+def sample(
+    logits_BV: jnp.ndarray,
+    rng: jax.Array,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> jnp.ndarray:
+    """[B] int32 next tokens. temperature 0 is greedy (argmax; top_k/top_p then change nothing)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        logits_BV = top_k_filter(logits_BV, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits_BV = top_p_filter(logits_BV, top_p)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
