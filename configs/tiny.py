@@ -1,0 +1,18 @@
+"""The `tiny` preset (byte vocabulary, ~8.7M params) on the standard-library corpus: a smoke
+test and the base of the tests' configs.
+
+    python train.py --config configs/tiny.py --config.train.steps=200
+"""
+
+from deepseek_jax.train.defaults import base_config
+
+
+def get_config():
+    config = base_config("tiny")
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 100
+    config.train.steps = 1000
+    config.train.eval_every = 250
+    config.train.save_every = 250
+    config.train.run_dir = "runs/tiny"
+    return config

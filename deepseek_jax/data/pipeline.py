@@ -1,0 +1,142 @@
+"""Grain pipelines: documents -> packed rows -> shuffled, sharded, batched examples.
+
+Legend: B per-process batch, T sequence length.
+
+Rows come from memory (a text source tokenized at start-up: fine for tens of MB, such as the
+default standard-library corpus) or from ArrayRecord files written once by `prepare` (any
+size; random access from disk). Training batches are a seeded global shuffle of the rows,
+reshuffled each epoch, then this process's 1/P share of them: the iterator's state (an index)
+is saved with each checkpoint and restores the exact next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import numpy as np
+
+from deepseek_jax.data import packing, sources
+from deepseek_jax.data.tokenizers import ByteTokenizer
+
+TOKENIZERS = ("byte",)
+META = "meta.json"
+
+
+def make_tokenizer(name: str):
+    if name == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"data.tokenizer={name!r}: choose one of {TOKENIZERS}")
+
+
+def tokenize(tokenizer, texts, dtype: np.dtype) -> list[np.ndarray]:
+    """Each document -> a token array of `dtype`."""
+    if isinstance(tokenizer, ByteTokenizer):
+        # Same ids as tokenizer.encode, without a Python int per byte (~30 M for the stdlib).
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(dtype) for t in texts]
+    return [np.asarray(tokenizer.encode(t), dtype) for t in texts]
+
+
+def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train", "eval"} -> (tokens [R, T + 1], segments [R, T + 1]) from a text source."""
+    texts = sources.documents(data_cfg.source, data_cfg.path, data_cfg.text_field)
+    docs = tokenize(tokenizer, texts, packing.token_dtype(tokenizer.vocab_size))
+    splits = dict(zip(("train", "eval"), packing.split_stream(docs, data_cfg.holdout_fraction)))
+    rows = {}
+    for split, part in splits.items():
+        packed = list(packing.pack(part, seq_len))
+        if not packed:
+            raise ValueError(
+                f"the {split} split has fewer than seq_len + 1 = {seq_len + 1} tokens: "
+                "add data, lower data.seq_len or raise data.holdout_fraction"
+            )
+        tokens, segments = zip(*packed)
+        rows[split] = (np.stack(tokens), np.stack(segments).astype(np.uint16))
+    return rows
+
+
+class InMemoryRows:
+    """Random access to packed rows held in memory: row i -> (tokens, segments)."""
+
+    def __init__(self, tokens_RT: np.ndarray, segments_RT: np.ndarray):
+        self.tokens, self.segments = tokens_RT, segments_RT
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[i], self.segments[i]
+
+
+def encode_row(tokens: np.ndarray, segments: np.ndarray) -> bytes:
+    """The ArrayRecord record: int32 tokens [T + 1] then int32 segments [T + 1], raw bytes."""
+    return np.concatenate([tokens, segments]).astype("<i4").tobytes()
+
+
+def decode_row(record: bytes) -> tuple[np.ndarray, np.ndarray]:
+    both = np.frombuffer(record, "<i4")
+    return both[: len(both) // 2], both[len(both) // 2 :]
+
+
+def row_datasets(data_cfg, seq_len: int) -> tuple[dict[str, grain.MapDataset], str]:
+    """{"train", "eval"} -> a MapDataset of (tokens, segments) rows, and the tokenizer name."""
+    if data_cfg.source == "arrayrecord":
+        meta = read_meta(data_cfg.path)
+        if meta["seq_len"] != seq_len:
+            raise ValueError(
+                f"{data_cfg.path} holds rows of seq_len {meta['seq_len']}, not data.seq_len="
+                f"{seq_len}: set --config.data.seq_len={meta['seq_len']} or prepare again"
+            )
+        datasets = {
+            split: grain.MapDataset.source(
+                grain.sources.ArrayRecordDataSource(os.path.join(data_cfg.path, f"{split}.arrayrecord"))
+            ).map(decode_row)
+            for split in ("train", "eval")
+        }
+        return datasets, meta["tokenizer"]
+    rows = packed_rows(data_cfg, make_tokenizer(data_cfg.tokenizer), seq_len)
+    datasets = {s: grain.MapDataset.source(InMemoryRows(*r)) for s, r in rows.items()}
+    return datasets, data_cfg.tokenizer
+
+
+def read_meta(directory: str) -> dict:
+    path = os.path.join(directory, META)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: write the ArrayRecord data with "
+            "`python -m deepseek_jax.data.prepare --config CONFIG --out DIR` first"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def to_examples(rows: grain.MapDataset) -> grain.MapDataset:
+    return rows.map(lambda row: packing.example(*row))
+
+
+def train_batches(
+    rows: grain.MapDataset, batch: int, seed: int, shard: int = 0, shards: int = 1
+) -> grain.MapDataset:
+    """Endless batches of `batch` examples [B, T]: shuffled per epoch, this process's share."""
+    if len(rows) // shards < batch:
+        raise ValueError(
+            f"{len(rows)} training rows over {shards} processes cannot fill a batch of {batch}: "
+            "add data or lower train.batch_size"
+        )
+    mine = rows.shuffle(seed)[shard::shards]
+    return to_examples(mine).repeat().batch(batch, drop_remainder=True)
+
+
+def eval_batches(
+    rows: grain.MapDataset, batch: int, max_batches: int, shard: int = 0, shards: int = 1
+) -> grain.MapDataset:
+    """The first `max_batches` batches of this process's held-out rows, in order (0: all)."""
+    rows = rows[shard::shards]
+    count = len(rows) // batch if max_batches == 0 else min(max_batches, len(rows) // batch)
+    if count == 0:
+        raise ValueError(
+            f"{len(rows)} held-out rows cannot fill an eval batch of {batch}: "
+            "raise data.holdout_fraction or lower train.batch_size"
+        )
+    return to_examples(rows[: count * batch]).batch(batch, drop_remainder=True)

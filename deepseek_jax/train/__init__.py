@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, losses, train state, jitted steps, the loop."""

@@ -1,0 +1,52 @@
+"""The ml-collections config every configs/*.py starts from.
+
+    model      every ModelConfig field (a preset's values), overridable one by one
+    data       source, path, tokenizer, seq_len, held-out share (deepseek_jax/data)
+    optimizer  AdamW and the schedule (paper 3.2.1 values)
+    train      steps, batch, accumulation, logging, eval, checkpoints, run directory
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from deepseek_jax.config import preset
+
+
+def base_config(model_preset: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = preset(model_preset).to_dict()
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "stdlib"  # stdlib | text | jsonl | parquet | arrayrecord
+    config.data.path = ""  # file, folder or glob (arrayrecord: the `prepare` output folder)
+    config.data.text_field = "text"  # jsonl / parquet
+    config.data.tokenizer = "byte"
+    config.data.seq_len = 256
+    config.data.holdout_fraction = 0.01  # the last 1% of the token stream is held out
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2.4e-4
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.95
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 0.1
+    config.optimizer.warmup_steps = 2000
+    config.optimizer.schedule = "step"  # step (the paper's) | cosine
+    config.optimizer.final_fraction = 0.1  # cosine only: final rate / peak
+    config.optimizer.clip_norm = 1.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 10000
+    config.train.batch_size = 16  # global, in sequences of data.seq_len
+    config.train.micro_steps = 1  # gradient accumulation: batch_size / micro_steps per pass
+    config.train.seed = 0  # params, data order
+    config.train.log_every = 10
+    config.train.eval_every = 500
+    config.train.eval_batches = 0  # 0: the whole held-out split
+    config.train.save_every = 1000
+    config.train.keep = 3
+    config.train.async_checkpoint = True
+    config.train.run_dir = "runs/default"
+    config.train.compilation_cache = ""  # a folder: compiled steps are reused across runs
+    return config

@@ -1,0 +1,158 @@
+"""The training loop: data, state, steps, eval, metrics, checkpoints, resume.
+
+    summary = run(config)      # config: the ml-collections dict of configs/*.py
+
+Resumes from the latest complete checkpoint in `train.run_dir` if there is one: params,
+optimizer state, step, RNG and the data iterator come back exactly, so a resumed run matches
+a straight one bit for bit. A NaN or Inf loss stops the run before anything more is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from deepseek_jax.checkpoint import orbax as ckpt
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.data import pipeline
+from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import step as steps
+from deepseek_jax.train.metrics import MetricsLog
+from deepseek_jax.train.state import init_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
+            f"set --config.model.vocab_size={vocab_size}"
+        )
+    return cfg
+
+
+def check_batch(train_cfg) -> int:
+    """The per-process batch size, after checking that the batch splits evenly."""
+    processes = jax.process_count()
+    if train_cfg.batch_size % (processes * train_cfg.micro_steps):
+        raise ValueError(
+            f"train.batch_size={train_cfg.batch_size} must be divisible by processes "
+            f"({processes}) x train.micro_steps ({train_cfg.micro_steps})"
+        )
+    return train_cfg.batch_size // processes
+
+
+def unigram_nats(train_rows, eval_ds, vocab_size: int, sample: int = 4096) -> float:
+    """Held-out cross-entropy (nats/token) of add-one unigram frequencies from training rows:
+    the score of a model that ignores context, the bar a trained model must clear."""
+    stride = max(1, len(train_rows) // sample)
+    counts = np.ones(vocab_size)
+    for i in range(0, len(train_rows), stride):
+        counts += np.bincount(np.asarray(train_rows[i][0]), minlength=vocab_size)[:vocab_size]
+    logp = np.log(counts / counts.sum())
+    nll, n = 0.0, 0.0
+    for batch in eval_ds:
+        nll -= (logp[batch["targets"]] * batch["weights"]).sum()
+        n += batch["weights"].sum()
+    return nll / n
+
+
+def evaluate(eval_step, params, eval_ds, mesh) -> float:
+    """Mean held-out nll per target token (nats)."""
+    nll, count = 0.0, 0.0
+    for batch in eval_ds:
+        batch_nll, batch_count = eval_step(params, steps.global_batch(mesh, batch))
+        nll, count = nll + float(batch_nll), count + float(batch_count)
+    return nll / count
+
+
+def eval_record(loss: float, tokenizer: str) -> dict:
+    record = {"eval_loss": loss}
+    if tokenizer == "byte":  # one token is one byte
+        record["eval_bits_per_byte"] = loss / math.log(2)
+    return record
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Trains as `config` says; returns the last eval record (and the unigram baseline)."""
+    tc = config.train
+    if tc.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(tc.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    local_batch = check_batch(tc)
+    seq_len = config.data.seq_len
+    rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
+    shard, shards = jax.process_index(), jax.process_count()
+    train_ds = pipeline.train_batches(rows["train"], local_batch, tc.seed, shard, shards)
+    eval_ds = pipeline.eval_batches(rows["eval"], local_batch, tc.eval_batches, shard, shards)
+    cfg = model_config(config, pipeline.make_tokenizer(tokenizer).vocab_size)
+    baseline = unigram_nats(rows["train"], eval_ds, cfg.vocab_size)
+
+    mesh = steps.single_device_mesh()
+    optimizer = opt.make_optimizer(config.optimizer, tc.steps)
+    fresh = functools.partial(init_state, cfg, optimizer, tc.seed)
+    shardings = steps.state_shardings(mesh, jax.eval_shape(fresh))
+    state = jax.jit(fresh, out_shardings=shardings)()
+    data_iter = iter(train_ds)
+    ckpt.write_run_info(tc.run_dir, cfg, tokenizer, config.to_dict())
+    manager = ckpt.make_manager(tc.run_dir, tc.keep, tc.async_checkpoint)
+    if manager.latest_step() is not None:
+        state = ckpt.restore(manager, state, data_iter)
+        tqdm.write(f"resumed {tc.run_dir} at step {int(state.step)}")
+
+    train_step = steps.make_train_step(
+        cfg, optimizer, opt.schedule(config.optimizer, tc.steps), mesh, shardings, tc.micro_steps
+    )
+    eval_step = steps.make_eval_step(cfg, mesh, shardings.params)
+    log = MetricsLog(tc.run_dir)
+    tqdm.write(
+        f"unigram baseline: {baseline:.3f} nats/token"
+        + (f" = {baseline / math.log(2):.3f} bits/byte" if tokenizer == "byte" else "")
+    )
+    result = {"unigram_loss": baseline}
+    start = int(state.step)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    tokens_per_step = tc.batch_size * seq_len
+    clock, clock_step = time.perf_counter(), start
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            state, metrics = train_step(state, steps.global_batch(mesh, next(data_iter)))
+            metrics = jax.device_get(metrics)
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}"
+                    f": stopped; the last good checkpoint is step {manager.latest_step()} in "
+                    f"{tc.run_dir}. Lower optimizer.learning_rate or raise warmup_steps"
+                )
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                rate = tokens_per_step * (step - clock_step) / (now - clock)
+                clock, clock_step = now, step
+                log.write("train", step, {**metrics, "tokens_per_s": rate})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            if step % tc.save_every == 0 or step == tc.steps:
+                ckpt.save(manager, state, data_iter)
+            if step % tc.eval_every == 0 or step == tc.steps:
+                record = eval_record(evaluate(eval_step, state.params, eval_ds, mesh), tokenizer)
+                log.write("eval", step, record)
+                result.update(record, step=step)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+                clock = time.perf_counter()  # eval time is not training throughput
+    finally:
+        bar.close()
+        log.close()
+        manager.wait_until_finished()
+        manager.close()
+    return result

@@ -1,0 +1,47 @@
+"""Metrics out of the loop: one JSON line per record (metrics.jsonl) and TensorBoard events.
+
+Records carry a "kind": "train" (loss, rates, expert load [L_moe, E]) or "eval".
+`deepseek_jax.train.plot` draws them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str):
+        self.file = open(os.path.join(run_dir, METRICS), "a")  # noqa: SIM115  (closed in close())
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        record = {"kind": kind, "step": step}
+        for key, value in values.items():
+            value = np.asarray(value)
+            record[key] = value.tolist() if value.ndim else float(value)
+            if key == "load":
+                # Max share x E per MoE layer: 1.0 is a perfect balance, E all on one expert.
+                for layer, share in enumerate(value):
+                    self.writer.add_scalar(f"load_max/layer{layer}", share.max() * len(share), step)
+            elif value.ndim == 0:
+                self.writer.add_scalar(f"{kind}/{key}", float(value), step)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
+
+
+def read(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a train.py run directory?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
