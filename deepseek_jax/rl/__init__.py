@@ -1,0 +1,1 @@
+"""Alignment: SFT and GRPO on the training mesh."""
