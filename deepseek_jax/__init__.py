@@ -3,6 +3,8 @@
 from deepseek_jax.checkpoint import load_checkpoint, load_hf, save_hf
 from deepseek_jax.config import ModelConfig, YarnConfig, preset
 from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
+from deepseek_jax.parallel.mesh import make_mesh
+from deepseek_jax.parallel.rules import shard_params
 
 __all__ = [
     "DeepSeekV2",
@@ -13,6 +15,8 @@ __all__ = [
     "init_params",
     "load_checkpoint",
     "load_hf",
+    "make_mesh",
     "preset",
     "save_hf",
+    "shard_params",
 ]

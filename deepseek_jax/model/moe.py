@@ -17,14 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.layers import MLP, weight
+from deepseek_jax.model.layers import MLP, grouped_swiglu, weight
+from deepseek_jax.parallel.expert import expert_parallel, never_drop_tokens
 
-# Rows of one grouped-matmul tile. Every tile holds assignments of a single expert, so the
-# experts run as one batched matmul over tiles with no capacity limit; padding is at most
-# E * (TILE - 1) rows.
-TILE = 64
+# Up to this many tokens (decode), every expert gets a slot per token: see slotted_swiglu.
+SLOTTED_MAX_TOKENS = 64
 
 
 @struct.dataclass
@@ -82,40 +82,24 @@ def balance_losses(cfg: ModelConfig, routing: Routing, batch: int) -> dict[str, 
     }
 
 
-def grouped_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_down):
-    """sum_k g_k expert_{e_k}(x) for every token, dropless, as a tiled grouped matmul.
+def slotted_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_down):
+    """The same sum as `layers.grouped_swiglu`, for few tokens (decode): N slots per expert.
 
-    Assignments are sorted by expert and each expert's run is padded to whole tiles, so every
-    tile belongs to one expert: one gather of that expert's weights per tile, one batched
-    matmul. w_gate/w_up [E, D, I], w_down [E, I, D]. Returns [N, D].
+    A token picks an expert at most once, so slot n of expert e can hold token n: dropless
+    by construction, and the experts run as one batched matmul over the weights where they
+    lie. The tiled path instead gathers a weight copy per tile, which at decode (one tile
+    per expert hit, almost all padding) costs ~10x more on the CPU (measured, `small`).
     """
     n, d = x_ND.shape
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    expert_A = routing.experts.reshape(-1)
-    token_A = jnp.repeat(jnp.arange(n), k)
-    gate_A = routing.weights.reshape(-1)
-
-    order = jnp.argsort(expert_A, stable=True)
-    expert_A, token_A, gate_A = expert_A[order], token_A[order], gate_A[order]
-    sizes_E = jnp.bincount(expert_A, length=e)
-    padded_E = (sizes_E + TILE - 1) // TILE * TILE
-    padded_start_E = jnp.cumsum(padded_E) - padded_E
-    start_E = jnp.cumsum(sizes_E) - sizes_E
-    row_A = padded_start_E[expert_A] + jnp.arange(n * k) - start_E[expert_A]
-
-    tiles = (n * k + e * (TILE - 1) + TILE - 1) // TILE
-    tile_start = jnp.arange(tiles) * TILE
-    expert_of_tile = jnp.clip(
-        jnp.searchsorted(jnp.cumsum(padded_E), tile_start, side="right"), 0, e - 1
-    )
-    x_rows = jnp.zeros((tiles * TILE, d), x_ND.dtype).at[row_A].set(x_ND[token_A])
-    x_tiles = x_rows.reshape(tiles, TILE, d)
+    token_NK = jnp.broadcast_to(jnp.arange(n)[:, None], (n, k))
+    x_END = jnp.zeros((e, n, d), x_ND.dtype).at[routing.experts, token_NK].set(x_ND[:, None])
     with jax.named_scope("experts"):
-        h = jax.nn.silu(jnp.einsum("PtD,PDI->PtI", x_tiles, w_gate[expert_of_tile]))
-        h = h * jnp.einsum("PtD,PDI->PtI", x_tiles, w_up[expert_of_tile])
-        y_tiles = jnp.einsum("PtI,PID->PtD", h, w_down[expert_of_tile])
-    y_A = y_tiles.reshape(-1, d)[row_A] * gate_A[:, None].astype(x_ND.dtype)
-    return jnp.zeros((n, d), y_A.dtype).at[token_A].add(y_A)
+        h = jax.nn.silu(jnp.einsum("END,EDI->ENI", x_END, w_gate))
+        h = h * jnp.einsum("END,EDI->ENI", x_END, w_up)
+        y_END = jnp.einsum("ENI,EID->END", h, w_down)
+    y_NKD = y_END[routing.experts, token_NK]
+    return jnp.einsum("NKD,NK->ND", y_NKD, routing.weights.astype(y_NKD.dtype))
 
 
 @struct.dataclass
@@ -127,9 +111,14 @@ class MoEAux:
 
 
 class MoE(nn.Module):
-    """Shared experts + routed experts: x [B, T, D] -> (y [B, T, D], MoEAux)."""
+    """Shared experts + routed experts: x [B, T, D] -> (y [B, T, D], MoEAux).
+
+    With a `mesh`, the routed experts go through the expert-parallel all-to-all dispatch
+    (`deepseek_jax.parallel.expert`), with token dropping when cfg.capacity_factor is set.
+    """
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jnp.ndarray) -> tuple[jnp.ndarray, MoEAux]:
@@ -149,9 +138,20 @@ class MoE(nn.Module):
         w_down = weight(self, "w_down", cfg, (e, i, d), ("expert", "expert_mlp", "embed"))
 
         x_ND = x_BTD.reshape(b * t, d)
-        with jax.named_scope("router"):
-            routing = route(cfg, x_ND, centroids)
-        routed = grouped_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
+        if self.mesh is None:
+            with jax.named_scope("router"):
+                routing = route(cfg, x_ND, centroids)
+            if b * t <= SLOTTED_MAX_TOKENS:
+                routed = slotted_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
+            else:
+                routed = grouped_swiglu(
+                    x_ND, routing.experts, routing.weights, w_gate, w_up, w_down
+                )
+        else:
+            never_drop = never_drop_tokens(cfg, b, t)
+            routed, routing, _ = expert_parallel(
+                cfg, self.mesh, route, x_ND, never_drop, centroids, w_gate, w_up, w_down
+            )
         y = routed.reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared")(x_BTD)

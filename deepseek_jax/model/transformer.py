@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import MLP, RMSNorm
@@ -58,6 +59,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     moe: bool
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
@@ -70,13 +72,15 @@ class Block(nn.Module):
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
-                h, aux = MoE(cfg, name="mlp")(normed)
+                h, aux = MoE(cfg, self.mesh, name="mlp")(normed)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
         return x_BTD + h, (latents, aux)
 
 
-def stack(cfg: ModelConfig, moe: bool, length: int, with_cache: bool, name: str) -> nn.Module:
+def stack(
+    cfg: ModelConfig, moe: bool, length: int, with_cache: bool, name: str, mesh: Mesh | None
+) -> nn.Module:
     """`length` blocks with params stacked on a leading "layers" axis, rematerialised per policy."""
     block = Block
     if cfg.remat_policy != "none":
@@ -95,7 +99,7 @@ def stack(cfg: ModelConfig, moe: bool, length: int, with_cache: bool, name: str)
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, moe, name=name)
+    return scanned(cfg, moe, mesh, name=name)
 
 
 def attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jnp.ndarray:
@@ -110,9 +114,14 @@ def attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jnp.n
 
 
 class DeepSeekV2(nn.Module):
-    """DeepSeek-V2 causal LM: tokens [B, T] int -> Output."""
+    """DeepSeek-V2 causal LM: tokens [B, T] int -> Output.
+
+    With a `mesh` (`deepseek_jax.parallel.mesh.make_mesh`), the MoE layers dispatch their routed
+    experts by all-to-all over its "expert" axis; B * T must split over the "batch" rule's axes.
+    """
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None) -> Output:
@@ -142,7 +151,7 @@ class DeepSeekV2(nn.Module):
         ):
             if length == 0:
                 continue
-            layers = stack(cfg, moe, length, cache is not None, name=f"{key}_layers")
+            layers = stack(cfg, moe, length, cache is not None, f"{key}_layers", self.mesh)
             x, (new_cache[key], aux) = layers(
                 x, cos, sin, mask, positions_BT, None if cache is None else cache[key]
             )

@@ -1,0 +1,92 @@
+"""Forward-pass speed, ours (jitted JAX) against transformers' PyTorch DeepseekV2, same weights.
+
+    python bench/forward.py                         # `small` preset, batch 8 x 512, fp32 CPU
+    python bench/forward.py --batch 4 --seq 256 --runs 3 --torch-attn eager
+
+Random weights (initializer_range 0.02) are drawn for our model, written with `save_hf` and
+read by transformers' `from_pretrained`, so both run the same numbers; the logits are compared
+before any time is reported. Times are the median of --runs warm runs (ours after compiling,
+PyTorch after one warm-up call, under `torch.no_grad()`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+import deepseek_jax as dj
+
+
+def median_seconds(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small", choices=sorted(dj.config.PRESETS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument(
+        "--torch-experts", default="grouped_mm", choices=("eager", "batched_mm", "grouped_mm")
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--atol", type=float, default=1e-3, help="logits agreement required")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = dj.preset(args.preset).replace(initializer_range=0.02)
+    params = jax.jit(dj.init_params, static_argnames="cfg")(cfg=cfg, rng=jax.random.key(0))
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq))
+    n_tokens = tokens.size
+    with tempfile.TemporaryDirectory() as directory:
+        dj.save_hf(directory, cfg, params)
+        torch_model = transformers.DeepseekV2ForCausalLM.from_pretrained(
+            directory,
+            dtype=torch.float32,
+            attn_implementation=args.torch_attn,
+            experts_implementation=args.torch_experts,
+        ).eval()
+
+    forward = jax.jit(lambda p, t: dj.DeepSeekV2(cfg).apply({"params": p}, t).logits)
+    start = time.perf_counter()
+    ours = np.asarray(forward(params, tokens))
+    compile_s = time.perf_counter() - start
+    torch_tokens = torch.as_tensor(tokens)
+    with torch.no_grad():
+        theirs = torch_model(torch_tokens).logits.numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(
+        f"{args.preset}: {dj.config.param_counts(cfg)['total'] / 1e6:.1f}M params, batch "
+        f"{args.batch} x {args.seq} tokens, fp32, {args.threads} threads; "
+        f"max |logits diff| {diff:.2e} (first call, with compile: {compile_s:.1f} s)"
+    )
+    if diff > args.atol:
+        raise SystemExit(f"logits differ by {diff:.2e} > --atol {args.atol}: not timing")
+    del ours, theirs
+
+    ours_s = median_seconds(lambda: forward(params, tokens).block_until_ready(), args.runs)
+    with torch.no_grad():
+        torch_s = median_seconds(lambda: torch_model(torch_tokens), args.runs)
+    label = f"transformers ({args.torch_attn}, experts {args.torch_experts})"
+    for name, seconds in (("deepseek-jax (jit)", ours_s), (label, torch_s)):
+        print(f"{name:44s} {seconds * 1e3:9.1f} ms  {n_tokens / seconds:9.0f} tok/s")
+    print(f"speed-up of ours over PyTorch: {torch_s / ours_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

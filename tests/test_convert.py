@@ -1,0 +1,57 @@
+"""`python -m deepseek_jax.checkpoint.convert`: HF -> orbax -> HF keeps the model exactly;
+--dtype and the detected direction."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import transformers
+from hf_models import build_hf, hf_logits
+
+import deepseek_jax as dj
+from deepseek_jax.checkpoint import orbax as orbax_checkpoint
+from deepseek_jax.checkpoint.convert import main
+
+needs_save_params = pytest.mark.skipif(
+    not hasattr(orbax_checkpoint, "save_params"),
+    reason="deepseek_jax.checkpoint.orbax has no save_params(directory, cfg, params) yet",
+)
+
+
+@needs_save_params
+def test_hf_to_orbax_to_hf(tmp_path, capsys):
+    hf_model = build_hf(tmp_path / "hf", q_lora_rank=24, num_hidden_layers=2)
+    main(["--from", "hf", "--to", "orbax", str(tmp_path / "hf"), str(tmp_path / "orbax")])
+    main([str(tmp_path / "orbax"), str(tmp_path / "back")])  # direction detected: orbax -> hf
+    assert "(orbax) -> " in capsys.readouterr().out
+
+    reloaded = transformers.DeepseekV2ForCausalLM.from_pretrained(
+        tmp_path / "back", attn_implementation="eager"
+    ).eval()
+    tokens = np.random.RandomState(0).randint(0, 96, (2, 16))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
+
+    cfg, params = orbax_checkpoint.load_params(tmp_path / "orbax")
+    assert cfg == dj.load_hf(tmp_path / "hf")[0]
+
+
+@needs_save_params
+def test_dtype_flag(tmp_path):
+    build_hf(tmp_path / "hf", num_hidden_layers=2)
+    main([str(tmp_path / "hf"), str(tmp_path / "orbax"), "--dtype", "bfloat16"])
+    cfg, params = orbax_checkpoint.load_params(tmp_path / "orbax")
+    assert cfg.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_hf_to_hf_in_bfloat16(tmp_path, capsys):
+    """--to overrides the detected target: an HF re-export in bf16, as load_hf reads it."""
+    build_hf(tmp_path / "hf", num_hidden_layers=2)
+    main(["--to", "hf", "--dtype", "bfloat16", str(tmp_path / "hf"), str(tmp_path / "bf16")])
+    assert "(hf) -> " in capsys.readouterr().out
+    cfg, params = dj.load_hf(tmp_path / "bf16")
+    assert cfg.param_dtype == "bfloat16"
+    _, params32 = dj.load_hf(tmp_path / "hf")
+    for x16, x32 in zip(jax.tree.leaves(params), jax.tree.leaves(params32), strict=True):
+        assert x16.dtype == ml_dtypes.bfloat16
+        np.testing.assert_allclose(np.asarray(x16, np.float32), x32, rtol=2**-8, atol=0)

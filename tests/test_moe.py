@@ -1,0 +1,155 @@
+"""DeepSeekMoE: the router and the MoE layer against transformers' DeepseekV2TopkRouter and
+DeepseekV2Moe on the same weights, and the balance losses against the paper's formulas (2.2.3).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_models import build_hf
+
+import deepseek_jax as dj
+from deepseek_jax.model.moe import MoE, Routing, balance_losses, route
+
+VARIANTS = {
+    "greedy": dict(routed_scaling_factor=1.5),
+    # topk_group (2 groups of 4) < K=3 experts: the group limit changes which experts win.
+    "group_limited": dict(
+        topk_method="group_limited_greedy",
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def models(request, tmp_path_factory):
+    """(HF model, our cfg, our params of the one MoE layer) for a 2-layer model (dense, MoE)."""
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = build_hf(directory, num_hidden_layers=2, **VARIANTS[request.param])
+    cfg, params = dj.load_hf(directory)
+    moe_params = jax.tree.map(lambda a: a[0], params["moe_layers"]["mlp"])
+    return hf_model, cfg, moe_params
+
+
+def tokens(cfg, n=256, seed=0):
+    """[N, D] float32 inputs, at about the scale of a normed hidden state."""
+    return np.random.RandomState(seed).randn(n, cfg.hidden_size).astype(np.float32)
+
+
+def by_expert(experts_NK, weights_NK):
+    """Sorts each token's (expert, weight) pairs by expert: HF's top-k order is unspecified."""
+    order = np.argsort(experts_NK, axis=1)
+    return np.take_along_axis(experts_NK, order, 1), np.take_along_axis(weights_NK, order, 1)
+
+
+def test_router_matches_hf(models):
+    hf_model, cfg, moe_params = models
+    x = tokens(cfg)
+    with torch.no_grad():
+        _, hf_weights, hf_experts = hf_model.model.layers[1].mlp.gate(torch.from_numpy(x))
+    routing = route(cfg, x, moe_params["centroids"])
+    ours_e, ours_w = by_expert(np.asarray(routing.experts), np.asarray(routing.weights))
+    hf_e, hf_w = by_expert(hf_experts.numpy(), hf_weights.numpy())
+    np.testing.assert_array_equal(ours_e, hf_e)
+    np.testing.assert_allclose(ours_w, hf_w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("models", ["group_limited"], indirect=True)
+def test_group_limit_changes_routing(models):
+    """Group-limited routing is not secretly greedy, and never reaches more than M groups."""
+    _, cfg, moe_params = models
+    x = tokens(cfg, seed=2)
+    limited = np.sort(np.asarray(route(cfg, x, moe_params["centroids"]).experts), axis=1)
+    greedy_cfg = cfg.replace(topk_method="greedy")
+    greedy = np.sort(np.asarray(route(greedy_cfg, x, moe_params["centroids"]).experts), axis=1)
+    assert (limited != greedy).any(axis=1).mean() > 0.05
+    groups = limited // cfg.experts_per_group
+    assert max(len(set(row)) for row in groups) <= cfg.topk_group
+
+
+# 2 x 40 tokens take the tiled grouped matmul, 2 x 4 the per-expert slots (decode sizes).
+@pytest.mark.parametrize("t", [40, 4])
+def test_moe_layer_matches_hf(models, t):
+    hf_model, cfg, moe_params = models
+    x = tokens(cfg, n=2 * t, seed=1).reshape(2, t, -1)
+    with torch.no_grad():
+        expected = hf_model.model.layers[1].mlp(torch.from_numpy(x)).numpy()
+    ours, aux = MoE(cfg).apply({"params": moe_params}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(aux.load.sum()), 1.0, rtol=1e-6)
+
+
+def test_norm_topk_prob_renormalises(models):
+    """With norm_topk_prob the K weights of a token sum to routed_scaling_factor, same experts."""
+    _, cfg, moe_params = models
+    x = tokens(cfg, n=64, seed=3)
+    plain = route(cfg, x, moe_params["centroids"])
+    normed = route(cfg.replace(norm_topk_prob=True), x, moe_params["centroids"])
+    np.testing.assert_array_equal(np.asarray(normed.experts), np.asarray(plain.experts))
+    np.testing.assert_allclose(
+        np.asarray(normed.weights.sum(-1)), cfg.routed_scaling_factor, rtol=1e-6
+    )
+    expected = plain.weights / plain.weights.sum(-1, keepdims=True) * cfg.routed_scaling_factor
+    np.testing.assert_allclose(np.asarray(normed.weights), np.asarray(expected), rtol=1e-6)
+
+
+def paper_losses(cfg, scores_BTE, experts_BTK):
+    """Paper 2.2.3 eqs (12)-(19), loop by loop, per sequence, averaged over the batch."""
+    e, k, g, m = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.groups_per_token
+    per_group = e // g
+    losses = []
+    for scores, experts in zip(scores_BTE, experts_BTK, strict=True):
+        t = len(scores)
+        f = np.array([e / (k * t) * sum(i in row for row in experts) for i in range(e)])
+        p = scores.mean(axis=0)
+        f_dev = np.array([f[d * per_group : (d + 1) * per_group].mean() for d in range(g)])
+        p_dev = np.array([p[d * per_group : (d + 1) * per_group].sum() for d in range(g)])
+        sent = [sum(any(j // per_group == d for j in row) for row in experts) for d in range(g)]
+        f_comm = g / (m * t) * np.array(sent)
+        losses.append([f @ p, f_dev @ p_dev, f_comm @ p_dev])
+    alphas = np.array([cfg.aux_loss_alpha1, cfg.aux_loss_alpha2, cfg.aux_loss_alpha3])
+    return alphas * np.mean(losses, axis=0)
+
+
+def test_balance_losses_match_paper(models):
+    _, cfg, moe_params = models
+    cfg = cfg.replace(aux_loss_alpha1=0.003, aux_loss_alpha2=0.05, aux_loss_alpha3=0.02)
+    b, t = 3, 16
+    x = tokens(cfg, n=b * t, seed=4)
+    routing = route(cfg, x, moe_params["centroids"])
+    ours = balance_losses(cfg, routing, b)
+    expected = paper_losses(
+        cfg,
+        np.asarray(routing.scores).reshape(b, t, -1),
+        np.asarray(routing.experts).reshape(b, t, -1),
+    )
+    got = [float(ours[name]) for name in ("expert_loss", "device_loss", "comm_loss")]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_uniform_router_losses(models):
+    """P_i = 1/E makes L_exp = alpha1 and L_dev = alpha2 whatever is chosen: sum_i f_i = E and
+    sum_d f'_d = G by construction. L_com = alpha3 * (mean devices reached per token) / M, so
+    alpha3 exactly when every token reaches M devices. Here T = E tokens and token t takes
+    experts t .. t+K-1 (mod E): each expert is chosen K times, f_i = 1, the balanced load."""
+    _, cfg, _ = models
+    cfg = cfg.replace(aux_loss_alpha1=0.003, aux_loss_alpha2=0.05, aux_loss_alpha3=0.02)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    experts = (np.arange(e)[:, None] + np.arange(k)) % e  # [T=E, K]
+    routing = Routing(
+        scores=jnp.full((e, e), 1.0 / e),
+        experts=jnp.asarray(experts, jnp.int32),
+        weights=jnp.full((e, k), 1.0 / e),
+    )
+    losses = balance_losses(cfg, routing, batch=1)
+    assert float(losses["expert_loss"]) == pytest.approx(cfg.aux_loss_alpha1, rel=1e-6)
+    assert float(losses["device_loss"]) == pytest.approx(cfg.aux_loss_alpha2, rel=1e-6)
+    reached = np.mean([len(set(row // cfg.experts_per_group)) for row in experts])
+    expected_comm = cfg.aux_loss_alpha3 * reached / cfg.groups_per_token
+    assert float(losses["comm_loss"]) == pytest.approx(expected_comm, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(losses["load"]), 1.0 / e, rtol=1e-6)
