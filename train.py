@@ -11,12 +11,15 @@ Any config field can be overridden with --config.<section>.<field>=value; an unk
 mistyped field fails before any work starts. Running again resumes from the last checkpoint.
 """
 
+import os
+
 from absl import app, logging
 from ml_collections import config_flags
 
 from deepseek_jax.train.loop import run
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
+DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT, lock_config=True)
 
 
 def main(argv):

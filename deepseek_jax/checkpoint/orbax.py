@@ -4,6 +4,7 @@ A run directory written by train.py:
 
     model_config.json      ModelConfig.to_dict(): enough to rebuild the model
     run.json               {"tokenizer": ...}: how to turn ids back into text
+    tokenizer.json, ...    copies of an HF tokenizer's files (none for the byte tokenizer)
     train_config.json      the whole ml-collections config of the run
     checkpoints/<step>/    params, opt_state, meta (step, rng), data (grain iterator state)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import grain
 import jax
@@ -38,6 +40,10 @@ def write_run_info(run_dir: str, cfg: ModelConfig, tokenizer: str, train_config:
     ):
         with open(os.path.join(run_dir, name), "w") as f:
             json.dump(data, f, indent=1)
+    if tokenizer != "byte":  # sample.py reads the tokenizer from the run directory
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(tokenizer, name)):
+                shutil.copy(os.path.join(tokenizer, name), run_dir)
 
 
 def read_model_config(run_dir: str) -> ModelConfig:
@@ -86,9 +92,7 @@ def save(manager: ocp.CheckpointManager, state, data_iterator) -> None:
 
 def abstract(tree):
     """Shapes, dtypes and shardings of a tree of arrays: where orbax restores onto."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def restore(manager: ocp.CheckpointManager, state, data_iterator, step: int | None = None):
@@ -117,7 +121,7 @@ def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, d
     cfg = read_model_config(directory)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(directory, CHECKPOINTS)),
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
         item_handlers={"params": ocp.StandardCheckpointHandler()},
     )
     step = manager.latest_step() if step is None else step

@@ -18,16 +18,18 @@ import grain
 import numpy as np
 
 from deepseek_jax.data import packing, sources
-from deepseek_jax.data.tokenizers import ByteTokenizer
+from deepseek_jax.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer
 
-TOKENIZERS = ("byte",)
 META = "meta.json"
 
 
-def make_tokenizer(name: str):
+def make_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+    """ "byte", or a directory holding an HF `tokenizer.json`."""
     if name == "byte":
         return ByteTokenizer()
-    raise ValueError(f"data.tokenizer={name!r}: choose one of {TOKENIZERS}")
+    if os.path.exists(os.path.join(name, TOKENIZER_FILE)):
+        return HFTokenizer(name)
+    raise ValueError(f"data.tokenizer={name!r}: give 'byte' or a directory with a {TOKENIZER_FILE}")
 
 
 def tokenize(tokenizer, texts, dtype: np.dtype) -> list[np.ndarray]:
@@ -42,7 +44,9 @@ def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray
     """{"train", "eval"} -> (tokens [R, T + 1], segments [R, T + 1]) from a text source."""
     texts = sources.documents(data_cfg.source, data_cfg.path, data_cfg.text_field)
     docs = tokenize(tokenizer, texts, packing.token_dtype(tokenizer.vocab_size))
-    splits = dict(zip(("train", "eval"), packing.split_stream(docs, data_cfg.holdout_fraction)))
+    splits = dict(
+        zip(("train", "eval"), packing.split_stream(docs, data_cfg.holdout_fraction), strict=True)
+    )
     rows = {}
     for split, part in splits.items():
         packed = list(packing.pack(part, seq_len))
@@ -51,7 +55,7 @@ def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray
                 f"the {split} split has fewer than seq_len + 1 = {seq_len + 1} tokens: "
                 "add data, lower data.seq_len or raise data.holdout_fraction"
             )
-        tokens, segments = zip(*packed)
+        tokens, segments = zip(*packed, strict=True)
         rows[split] = (np.stack(tokens), np.stack(segments).astype(np.uint16))
     return rows
 
@@ -90,7 +94,9 @@ def row_datasets(data_cfg, seq_len: int) -> tuple[dict[str, grain.MapDataset], s
             )
         datasets = {
             split: grain.MapDataset.source(
-                grain.sources.ArrayRecordDataSource(os.path.join(data_cfg.path, f"{split}.arrayrecord"))
+                grain.sources.ArrayRecordDataSource(
+                    os.path.join(data_cfg.path, f"{split}.arrayrecord")
+                )
             ).map(decode_row)
             for split in ("train", "eval")
         }

@@ -34,7 +34,7 @@ def prepare(data_cfg, out: str) -> dict:
     for split, (tokens, segments) in rows.items():
         # group_size:1 keeps every record independently readable: training reads at random.
         writer = ArrayRecordWriter(os.path.join(out, f"{split}.arrayrecord"), "group_size:1")
-        for t, s in zip(tokens, segments):
+        for t, s in zip(tokens, segments, strict=True):
             writer.write(pipeline.encode_row(t, s))
         writer.close()
     meta = {

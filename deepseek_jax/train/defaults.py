@@ -1,9 +1,9 @@
 """The ml-collections config every configs/*.py starts from.
 
-    model      every ModelConfig field (a preset's values), overridable one by one
-    data       source, path, tokenizer, seq_len, held-out share (deepseek_jax/data)
-    optimizer  AdamW and the schedule (paper 3.2.1 values)
-    train      steps, batch, accumulation, logging, eval, checkpoints, run directory
+model      every ModelConfig field (a preset's values), overridable one by one
+data       source, path, tokenizer, seq_len, held-out share (deepseek_jax/data)
+optimizer  AdamW and the schedule (paper 3.2.1 values)
+train      steps, batch, accumulation, logging, eval, checkpoints, run directory
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.train.seed = 0  # params, data order
     config.train.log_every = 10
     config.train.eval_every = 500
-    config.train.eval_batches = 0  # 0: the whole held-out split
+    config.train.eval_batches = 0  # per periodic eval, 0: all; the last eval uses all
     config.train.save_every = 1000
     config.train.keep = 3
     config.train.async_checkpoint = True

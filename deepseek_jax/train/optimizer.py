@@ -1,8 +1,8 @@
 """AdamW with the paper's schedule (DeepSeek-V2 section 3.2.1), clipping and decay mask.
 
-    lr(t) = peak * t / warmup                          for t < warmup
-          = peak * 0.316 ** (# of 60%, 90% of steps passed)   schedule "step" (the paper's)
-          = cosine from peak to peak * final_fraction          schedule "cosine"
+lr(t) = peak * t / warmup                          for t < warmup
+      = peak * 0.316 ** (# of 60%, 90% of steps passed)   schedule "step" (the paper's)
+      = cosine from peak to peak * final_fraction          schedule "cosine"
 """
 
 from __future__ import annotations

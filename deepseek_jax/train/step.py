@@ -99,7 +99,7 @@ def make_train_step(
             "expert_loss": aux.expert_loss,
             "device_loss": aux.device_loss,
             "comm_loss": aux.comm_loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": total_weight,
             "load": aux.load,  # [L_moe, E] share of assignments per expert

@@ -1,0 +1,76 @@
+"""Loss curves and an expert-load heatmap of a train.py run, as PNG files in the run dir.
+
+python -m deepseek_jax.train.plot runs/default    # -> loss.png, expert_load.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training machine
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deepseek_jax.train.metrics import read  # noqa: E402
+
+
+def latest_by_step(records: list[dict], kind: str) -> list[dict]:
+    """One record per step, the last written: a resumed run logs its replayed steps again."""
+    by_step = {r["step"]: r for r in records if r["kind"] == kind}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss(train: list[dict], evals: list[dict], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train cross-entropy")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_load(record: dict, path: str) -> None:
+    """Heatmap of [L_moe, E]: each expert's share of its layer's assignments x E (1 = even)."""
+    load = np.asarray(record["load"])
+    fig, ax = plt.subplots(figsize=(max(4, load.shape[1] * 0.35), 1 + load.shape[0] * 0.5))
+    image = ax.imshow(load * load.shape[1], aspect="auto", cmap="viridis")
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"expert load x E at step {record['step']} (1 = balanced)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Writes the PNGs and returns their paths."""
+    records = read(run_dir)
+    train = latest_by_step(records, "train")
+    if not train:
+        raise ValueError(f"{run_dir} has no train records yet: wait for train.log_every steps")
+    paths = [os.path.join(run_dir, "loss.png")]
+    plot_loss(train, latest_by_step(records, "eval"), paths[0])
+    if np.asarray(train[-1]["load"]).size:
+        paths.append(os.path.join(run_dir, "expert_load.png"))
+        plot_load(train[-1], paths[1])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    for path in plot_run(parser.parse_args(argv).run_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

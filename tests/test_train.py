@@ -1,0 +1,142 @@
+"""Training: schedules, the masked loss, gradient accumulation, document isolation, the loop
+end to end (metrics, eval, plot, load_params), the NaN stop, and config checking."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_helpers import small_config
+
+import deepseek_jax as dj
+from deepseek_jax.checkpoint.orbax import load_params
+from deepseek_jax.data import packing
+from deepseek_jax.train import losses
+from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import step as steps
+from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.loop import NonFiniteLossError, run
+from deepseek_jax.train.plot import plot_run
+from deepseek_jax.train.state import init_state
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_step_schedule_warms_up_then_drops_at_60_and_90_percent():
+    oc = base_config("tiny").optimizer
+    oc.learning_rate, oc.warmup_steps = 1.0, 10
+    lr = opt.schedule(oc, 100)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(59)) == pytest.approx(1.0)
+    assert float(lr(61)) == pytest.approx(0.316)
+    assert float(lr(95)) == pytest.approx(0.316**2)
+    oc.schedule = "cosine"
+    assert float(opt.schedule(oc, 100)(100)) == pytest.approx(oc.final_fraction)
+
+
+def test_weight_decay_skips_norm_scales():
+    mask = opt.decay_mask({"w": jnp.ones((2, 2)), "scale": jnp.ones(2)})
+    assert mask == {"w": True, "scale": False}
+
+
+def test_masked_targets_do_not_count():
+    logits = jax.random.normal(jax.random.key(0), (1, 4, 7))
+    weights = jnp.array([[1.0, 0.0, 1.0, 0.0]])
+    a = losses.nll_sum(logits, jnp.array([[1, 2, 3, 4]]), weights)
+    b = losses.nll_sum(logits, jnp.array([[1, 6, 3, 0]]), weights)
+    assert float(a) == float(b)
+
+
+def tiny_setup(micro_steps):
+    cfg = dj.preset("tiny").replace(num_hidden_layers=2)
+    oc = base_config("tiny").optimizer
+    oc.warmup_steps = 0
+    optimizer = opt.make_optimizer(oc, 10)
+    mesh = steps.single_device_mesh()
+    shardings = steps.state_shardings(mesh, jax.eval_shape(lambda: init_state(cfg, optimizer, 0)))
+    state = jax.jit(lambda: init_state(cfg, optimizer, 0), out_shardings=shardings)()
+    fn = steps.make_train_step(cfg, optimizer, opt.schedule(oc, 10), mesh, shardings, micro_steps)
+    return state, fn, mesh
+
+
+def random_batch(b=4, t=32):
+    rows = [packing.pack([np.arange(1, 12) + i, np.arange(50, 80) + i], t) for i in range(b)]
+    examples = [packing.example(*next(r)) for r in rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    batch = random_batch()
+    results = []
+    for micro in (1, 2):
+        state, fn, mesh = tiny_setup(micro)
+        state, metrics = fn(state, steps.global_batch(mesh, batch))
+        results.append((state.params, metrics["ce"], metrics["grad_norm"]))
+    (p1, ce1, g1), (p2, ce2, g2) = results
+    np.testing.assert_allclose(ce1, ce2, rtol=1e-5)
+    np.testing.assert_allclose(g1, g2, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_packed_documents_do_not_see_each_other():
+    """A document's logits inside a packed row equal its logits alone."""
+    cfg = dj.preset("tiny").replace(num_hidden_layers=2)
+    params = jax.jit(lambda: dj.init_params(cfg, jax.random.key(1)))()
+    first, second = np.arange(3, 13), np.arange(100, 122)
+    ex = packing.example(*next(packing.pack([first, second], 31)))
+    packed = steps.forward(
+        cfg, params, {k: jnp.asarray(v)[None] for k, v in ex.items() if k != "weights"}
+    ).logits[0]
+    alone = dj.DeepSeekV2(cfg).apply({"params": params}, jnp.asarray(second)[None]).logits[0]
+    np.testing.assert_allclose(packed[10:], alone[:21], atol=1e-4)
+
+
+def test_training_run_end_to_end(tmp_path):
+    config = small_config(tmp_path, steps=30, eval_every=15)
+    config.model.num_hidden_layers = 2
+    result = run(config)
+    records = [json.loads(x) for x in open(os.path.join(config.train.run_dir, "metrics.jsonl"))]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert train[-1]["ce"] < train[0]["ce"] - 0.5
+    assert evals[-1]["eval_loss"] < result["unigram_loss"]
+    assert evals[-1]["eval_bits_per_byte"] == pytest.approx(evals[-1]["eval_loss"] / math.log(2))
+    assert np.asarray(train[-1]["load"]).shape == (1, 16)  # [L_moe, E]
+    assert train[-1]["tokens_per_s"] > 0
+    assert os.listdir(os.path.join(config.train.run_dir, "tb"))
+    assert all(os.path.getsize(p) > 0 for p in plot_run(config.train.run_dir))
+
+    cfg, params = load_params(config.train.run_dir)
+    assert cfg.num_hidden_layers == 2 and cfg.vocab_size == 256
+    logits = dj.DeepSeekV2(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32)).logits
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Adam moves every weight by ~lr: step 1 is finite, then the logits overflow.
+    config = small_config(tmp_path, steps=6, save_every=1, eval_every=100)
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e30, 0
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 1"):
+        run(config)
+    assert sorted(os.listdir(os.path.join(config.train.run_dir, "checkpoints"))) == ["1"]
+    _, params = load_params(config.train.run_dir)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_unknown_config_field_fails_before_any_work():
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--config.train.stepz=5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "stepz" in proc.stderr
