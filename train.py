@@ -9,23 +9,38 @@ the Python standard library's own sources, under 10 minutes on a 2-core CPU.
 
 Any config field can be overridden with --config.<section>.<field>=value; an unknown or
 mistyped field fails before any work starts. Running again resumes from the last checkpoint.
+
+Many devices: --config.mesh.{data,fsdp,expert,tensor}. Many hosts: run the same command on
+every host with --distributed (TPU pod slices, SLURM, Open MPI: JAX finds the rest), or with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. README "Scaling out".
 """
 
 import os
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax.parallel.mesh import start_processes
 from deepseek_jax.train.loop import run
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT, lock_config=True)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "one process of a multi-host job: jax.distributed.initialize()"
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (implies --distributed)"
+)
+_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. N - 1")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.<field>=<value>")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        start_processes(_COORDINATOR.value, _PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value)
 
 

@@ -12,7 +12,6 @@ fp32 matmul peak measured at start. Model FLOPs = 6 x active params x tokens + a
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import tempfile
 import time
@@ -29,7 +28,6 @@ from deepseek_jax.config import param_counts
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.defaults import base_config
-from deepseek_jax.train.state import init_state
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -63,10 +61,8 @@ def time_it(fn, repeats: int) -> float:
 
 def ours(cfg, oc, batch_np, repeats):
     optimizer = opt.make_optimizer(oc, 1000)
-    mesh = steps.single_device_mesh()
-    fresh = functools.partial(init_state, cfg, optimizer, 0)
-    shardings = steps.state_shardings(mesh, jax.eval_shape(fresh))
-    state = jax.jit(fresh, out_shardings=shardings)()
+    mesh = dj.make_mesh()
+    state, shardings = steps.init_sharded_state(cfg, optimizer, 0, mesh)
     params = jax.device_get(state.params)
     train_step = steps.make_train_step(
         cfg, optimizer, opt.schedule(oc, 1000), mesh, shardings, micro_steps=1

@@ -2,6 +2,7 @@
 
 from deepseek_jax.checkpoint import load_checkpoint, load_hf, save_hf
 from deepseek_jax.config import ModelConfig, YarnConfig, preset
+from deepseek_jax.generate.loop import generate
 from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.parallel.rules import shard_params
@@ -11,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "Output",
     "YarnConfig",
+    "generate",
     "init_cache",
     "init_params",
     "load_checkpoint",

@@ -68,3 +68,43 @@ def build_hf(directory, seed: int = 0, **overrides) -> transformers.DeepseekV2Fo
 def hf_logits(model, tokens) -> "torch.Tensor":
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+# The published DeepSeek-V2-Chat template (DESIGN.md 8) and special tokens.
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def save_chat_tokenizer(directory, vocab_size: int = 300) -> int:
+    """A small byte-level BPE tokenizer.json + tokenizer_config.json with the published chat
+    template and bos/eos, as a Chat checkpoint ships them. Returns its vocabulary size."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = ["User: what is a latent cache?\n\nAssistant: compressed keys and values."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return tok.get_vocab_size()

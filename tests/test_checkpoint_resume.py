@@ -10,7 +10,7 @@ import time
 
 import jax
 import numpy as np
-from train_helpers import small_config
+from train_helpers import cli_flags, small_config
 
 from deepseek_jax.checkpoint.orbax import load_params, make_manager
 from deepseek_jax.train.loop import run
@@ -18,21 +18,11 @@ from deepseek_jax.train.loop import run
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def flags(config) -> list[str]:
-    """The config as train.py command-line overrides."""
-    out = []
-    for section in ("data", "optimizer", "train"):
-        for key, value in config[section].items():
-            out.append(f"--config.{section}.{key}={value}")
-    out.append(f"--config.model.num_hidden_layers={config.model.num_hidden_layers}")
-    return out
-
-
 def kill_after_checkpoint(config, step: int) -> None:
     """Runs train.py in a subprocess and SIGKILLs it once checkpoint `step` is complete."""
     done = os.path.join(config.train.run_dir, "checkpoints", str(step))
     proc = subprocess.Popen(
-        [sys.executable, "train.py", "--config", "configs/tiny.py", *flags(config)],
+        [sys.executable, "train.py", "--config", "configs/tiny.py", *cli_flags(config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

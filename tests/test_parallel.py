@@ -64,3 +64,13 @@ def test_opt_state_mirrors_params():
 def test_two_logical_axes_on_one_mesh_axis_are_refused():
     with pytest.raises(ValueError, match="both map to mesh axis"):
         rules.spec(("batch", "embed"))
+
+
+def test_moments_split_over_the_token_axes_their_param_leaves_free():
+    sizes = {"data": 2, "fsdp": 4, "expert": 8, "tensor": 1}
+    # V2's w_up [L, E, D, I] is split on expert and fsdp; "data" takes the largest shard, I.
+    w_up = rules.zero1_spec((59, 160, 5120, 1536), P(None, "expert", "fsdp", "tensor"), sizes)
+    assert w_up == P(None, "expert", "fsdp", ("tensor", "data"))
+    # w_uq [L, q_lora, H, head_dim] is split on nothing but tensor: all three token axes.
+    w_uq = rules.zero1_spec((59, 1536, 128, 128), P(None, None, "tensor", None), sizes)
+    assert w_uq == P(None, ("data", "fsdp", "expert"), "tensor", None)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import small_config
+from train_helpers import random_batch, small_config
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint.orbax import load_params
@@ -22,7 +22,6 @@ from deepseek_jax.train import step as steps
 from deepseek_jax.train.defaults import base_config
 from deepseek_jax.train.loop import NonFiniteLossError, run
 from deepseek_jax.train.plot import plot_run
-from deepseek_jax.train.state import init_state
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -57,17 +56,18 @@ def tiny_setup(micro_steps):
     oc = base_config("tiny").optimizer
     oc.warmup_steps = 0
     optimizer = opt.make_optimizer(oc, 10)
-    mesh = steps.single_device_mesh()
-    shardings = steps.state_shardings(mesh, jax.eval_shape(lambda: init_state(cfg, optimizer, 0)))
-    state = jax.jit(lambda: init_state(cfg, optimizer, 0), out_shardings=shardings)()
+    mesh = dj.make_mesh()
+    state, shardings = steps.init_sharded_state(cfg, optimizer, 0, mesh)
     fn = steps.make_train_step(cfg, optimizer, opt.schedule(oc, 10), mesh, shardings, micro_steps)
     return state, fn, mesh
 
 
-def random_batch(b=4, t=32):
-    rows = [packing.pack([np.arange(1, 12) + i, np.arange(50, 80) + i], t) for i in range(b)]
-    examples = [packing.example(*next(r)) for r in rows]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+def test_mesh_must_cover_every_device():
+    mesh_cfg = base_config("tiny").mesh
+    assert steps.train_mesh(mesh_cfg).size == jax.device_count()
+    mesh_cfg.data, mesh_cfg.expert = 1, 2
+    with pytest.raises(ValueError, match="data x fsdp x expert x tensor = 1"):
+        steps.train_mesh(mesh_cfg)
 
 
 def test_gradient_accumulation_matches_the_full_batch():

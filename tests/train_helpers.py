@@ -1,7 +1,10 @@
-"""A few-second training config for the training, data and resume tests."""
+"""A few-second training config, a packed batch and train.py flags for the training tests."""
 
 import os
 
+import numpy as np
+
+from deepseek_jax.data import packing
 from deepseek_jax.data.sources import stdlib_files
 from deepseek_jax.train.defaults import base_config
 
@@ -42,3 +45,20 @@ def small_config(tmp_path, **train):
     for key, value in train.items():
         config.train[key] = value
     return config
+
+
+def cli_flags(config) -> list[str]:
+    """The config as train.py command-line overrides."""
+    out = []
+    for section in ("mesh", "data", "optimizer", "train"):
+        for key, value in config[section].items():
+            out.append(f"--config.{section}.{key}={value}")
+    out.append(f"--config.model.num_hidden_layers={config.model.num_hidden_layers}")
+    return out
+
+
+def random_batch(b=4, t=32):
+    """A batch of `b` rows [b, t], each two short documents packed."""
+    rows = [packing.pack([np.arange(1, 12) + i, np.arange(50, 80) + i], t) for i in range(b)]
+    examples = [packing.example(*next(r)) for r in rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -34,13 +34,14 @@ def load(path: str, fmt: str, dtype: str | None) -> tuple[ModelConfig, dict]:
     return cfg.replace(param_dtype=dtype, dtype=dtype), params
 
 
-def save(path: str, fmt: str, cfg: ModelConfig, params: dict) -> None:
+def save(path: str, fmt: str, cfg: ModelConfig, params: dict, tokenizer: str = "byte") -> None:
+    """tokenizer: "byte" or a dir whose tokenizer files an orbax target keeps beside the params."""
     if fmt == "hf":
         save_hf(path, cfg, params)
         return
     from deepseek_jax.checkpoint.orbax import save_params  # noqa: PLC0415
 
-    save_params(path, cfg, params)
+    save_params(path, cfg, params, tokenizer)
 
 
 def convert(
@@ -62,7 +63,8 @@ def convert(
         if fmt not in FORMATS:
             raise ValueError(f"{name} {fmt!r}: choose one of {FORMATS}")
     cfg, params = load(source, from_format, dtype)
-    save(target, to_format, cfg, params)
+    has_tokenizer = os.path.exists(os.path.join(source, "tokenizer.json"))
+    save(target, to_format, cfg, params, source if has_tokenizer else "byte")
     return from_format, to_format
 
 

@@ -115,6 +115,32 @@ def restore(manager: ocp.CheckpointManager, state, data_iterator, step: int | No
     )
 
 
+def save_params(
+    directory: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer: str = "byte"
+) -> None:
+    """Writes params alone as step 0 of a run directory that `load_params`, sample.py and
+    `dj.load_checkpoint` read (the convert CLI's orbax format). `tokenizer`: "byte" or an HF
+    checkpoint dir whose tokenizer files are copied beside the params."""
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MODEL_CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    with open(os.path.join(directory, RUN_INFO), "w") as f:
+        json.dump({"tokenizer": tokenizer}, f, indent=1)
+    if tokenizer != "byte":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if os.path.exists(os.path.join(tokenizer, name)):
+                shutil.copy(os.path.join(tokenizer, name), directory)
+    manager = ocp.CheckpointManager(
+        os.path.join(directory, CHECKPOINTS),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={"params": ocp.StandardCheckpointHandler()},
+    )
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    manager.wait_until_finished()
+    manager.close()
+
+
 def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a train.py run directory: its latest complete step unless `step`."""
     directory = os.fspath(directory)

@@ -138,7 +138,9 @@ def eval_batches(
     rows: grain.MapDataset, batch: int, max_batches: int, shard: int = 0, shards: int = 1
 ) -> grain.MapDataset:
     """The first `max_batches` batches of this process's held-out rows, in order (0: all)."""
-    rows = rows[shard::shards]
+    # Every process reads as many rows (their counts differ by one when the split does not
+    # divide), so that all run the same number of eval steps.
+    rows = rows[shard::shards][: len(rows) // shards]
     count = len(rows) // batch if max_batches == 0 else min(max_batches, len(rows) // batch)
     if count == 0:
         raise ValueError(

@@ -41,3 +41,14 @@ def expanded_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
     """Bytes one token would occupy in a per-head K/V cache: L * H * (dn + dr + dv) numbers."""
     itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
     return cfg.num_hidden_layers * cfg.expanded_cache_dim * itemsize
+
+
+def describe(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> str:
+    """One line: this run's cache size, per token, and what a per-head K/V cache would take."""
+    per_token = latent_bytes_per_token(cfg, dtype)
+    expanded = expanded_bytes_per_token(cfg, dtype)
+    return (
+        f"latent KV cache {batch * slots * per_token / 2**20:.2f} MiB for {batch}x{slots} slots:"
+        f" {per_token:,} bytes/token ({cfg.num_hidden_layers} layers x {cfg.latent_cache_dim}"
+        f" numbers); a per-head K/V cache would take {expanded:,} ({expanded / per_token:.1f}x)"
+    )

@@ -39,6 +39,22 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
     )
 
 
+def start_processes(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins this process to a multi-process job; call before anything else touches jax.
+
+    Values left None are found by `jax.distributed.initialize` itself on TPU pod slices, under
+    SLURM and Open MPI (and the address from JAX_COORDINATOR_ADDRESS).
+    """
+    # XLA:CPU runs collectives across processes only through gloo (DESIGN.md 7); GPU and TPU
+    # backends ignore the setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """ "data=2,expert=4" -> {"data": 2, "expert": 4} (command lines)."""
     sizes = {}

@@ -1,6 +1,7 @@
 """The ml-collections config every configs/*.py starts from.
 
 model      every ModelConfig field (a preset's values), overridable one by one
+mesh       device mesh axis sizes (deepseek_jax/parallel)
 data       source, path, tokenizer, seq_len, held-out share (deepseek_jax/data)
 optimizer  AdamW and the schedule (paper 3.2.1 values)
 train      steps, batch, accumulation, logging, eval, checkpoints, run directory
@@ -35,6 +36,12 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.optimizer.schedule = "step"  # step (the paper's) | cosine
     config.optimizer.final_fraction = 0.1  # cosine only: final rate / peak
     config.optimizer.clip_norm = 1.0
+
+    config.mesh = ml_collections.ConfigDict()  # DESIGN.md 5; product = every device of the job
+    config.mesh.data = 0  # 0: the devices the other axes leave
+    config.mesh.fsdp = 1
+    config.mesh.expert = 1
+    config.mesh.tensor = 1
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 10000

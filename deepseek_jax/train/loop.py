@@ -9,7 +9,6 @@ a straight one bit for bit. A NaN or Inf loss stops the run before anything more
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -22,10 +21,10 @@ from tqdm import tqdm
 from deepseek_jax.checkpoint import orbax as ckpt
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline
+from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.metrics import MetricsLog
-from deepseek_jax.train.state import init_state
+from deepseek_jax.train.metrics import MetricsLog, Silent
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,13 +41,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     return cfg
 
 
-def check_batch(train_cfg) -> int:
+def check_batch(train_cfg, mesh) -> int:
     """The per-process batch size, after checking that the batch splits evenly."""
     processes = jax.process_count()
+    splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
     if train_cfg.batch_size % (processes * train_cfg.micro_steps):
         raise ValueError(
             f"train.batch_size={train_cfg.batch_size} must be divisible by processes "
             f"({processes}) x train.micro_steps ({train_cfg.micro_steps})"
+        )
+    if train_cfg.batch_size // train_cfg.micro_steps % splits:
+        raise ValueError(
+            f"a micro-batch of train.batch_size / train.micro_steps = "
+            f"{train_cfg.batch_size} / {train_cfg.micro_steps} sequences does not split over "
+            f"the {splits} devices of mesh axes {rules.token_axes()}: make it a multiple of {splits}"
         )
     return train_cfg.batch_size // processes
 
@@ -92,7 +98,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(tc.compilation_cache))
         )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    local_batch = check_batch(tc)
+    mesh = steps.train_mesh(config.mesh)
+    local_batch = check_batch(tc, mesh)
     seq_len = config.data.seq_len
     rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
     shard, shards = jax.process_index(), jax.process_count()
@@ -102,13 +109,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
     cfg = model_config(config, pipeline.make_tokenizer(tokenizer).vocab_size)
     baseline = unigram_nats(rows["train"], final_eval_ds, cfg.vocab_size)
 
-    mesh = steps.single_device_mesh()
     optimizer = opt.make_optimizer(config.optimizer, tc.steps)
-    fresh = functools.partial(init_state, cfg, optimizer, tc.seed)
-    shardings = steps.state_shardings(mesh, jax.eval_shape(fresh))
-    state = jax.jit(fresh, out_shardings=shardings)()
+    state, shardings = steps.init_sharded_state(cfg, optimizer, tc.seed, mesh)
     data_iter = iter(train_ds)
-    ckpt.write_run_info(tc.run_dir, cfg, tokenizer, config.to_dict())
+    # One writer for the files every process would write alike (one filesystem is assumed,
+    # as orbax assumes it for the checkpoints).
+    primary = jax.process_index() == 0
+    if primary:
+        ckpt.write_run_info(tc.run_dir, cfg, tokenizer, config.to_dict())
     manager = ckpt.make_manager(tc.run_dir, tc.keep, tc.async_checkpoint)
     if manager.latest_step() is not None:
         state = ckpt.restore(manager, state, data_iter)
@@ -118,14 +126,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
         cfg, optimizer, opt.schedule(config.optimizer, tc.steps), mesh, shardings, tc.micro_steps
     )
     eval_step = steps.make_eval_step(cfg, mesh, shardings.params)
-    log = MetricsLog(tc.run_dir)
+    log = MetricsLog(tc.run_dir) if primary else Silent()
     tqdm.write(
         f"unigram baseline: {baseline:.3f} nats/token"
         + (f" = {baseline / math.log(2):.3f} bits/byte" if tokenizer == "byte" else "")
     )
     result = {"unigram_loss": baseline}
     start = int(state.step)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not primary,
+    )
     tokens_per_step = tc.batch_size * seq_len
     clock, clock_step = time.perf_counter(), start
     try:

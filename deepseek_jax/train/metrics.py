@@ -39,6 +39,16 @@ class MetricsLog:
         self.writer.close()
 
 
+class Silent:
+    """The log of processes other than 0: process 0 writes the one record every step."""
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, METRICS)
     if not os.path.exists(path):

@@ -1,58 +1,96 @@
-"""Jitted train and eval steps, placed on a jax Mesh.
+"""Jitted train and eval steps on a mesh, sharded by the one rules table.
 
 Legend: B global batch, A micro-batches (gradient accumulation), b = B / A, T positions,
 L_moe MoE layers, E routed experts.
 
-The mesh has the axes of DESIGN.md section 5, ("data", "fsdp", "expert", "tensor"). Batches
-are split over data x fsdp; the state is replicated here. The parallel runner swaps
-`state_shardings` for its logical-rules table; the steps do not change.
+The mesh has the axes of DESIGN.md section 5, ("data", "fsdp", "expert", "tensor"); one
+device is the 1x1x1x1 mesh, so single- and multi-device training are the same code. Params
+take `rules.param_shardings`, AdamW's moments `rules.opt_state_shardings` (ZeRO-1), batches
+`rules.batch_sharding`; the jitted steps keep every leaf where it lies, so between steps
+nothing moves.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import DeepSeekV2
+from deepseek_jax.parallel import rules
+from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
 from deepseek_jax.train import losses
-from deepseek_jax.train.state import TrainState, next_rng
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from deepseek_jax.train.state import TrainState, init_state, next_rng
 
 
-def single_device_mesh() -> Mesh:
-    """A 1x1x1x1 mesh on the first device (Auto axes: the logical-rules workflow needs them)."""
-    devices = np.array(jax.devices()[:1]).reshape(1, 1, 1, 1)
-    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+def train_mesh(mesh_cfg) -> Mesh:
+    """config.mesh -> a Mesh over every device of every process; data 0 takes what is left."""
+    sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
+    devices = jax.device_count()
+    others = math.prod(size for axis, size in sizes.items() if axis != "data")
+    if sizes["data"] == 0 and devices % others == 0:
+        sizes["data"] = devices // others
+    if math.prod(sizes.values()) != devices:
+        raise ValueError(
+            f"config.mesh {mesh_cfg.to_dict()} spans {math.prod(sizes.values())} devices, but "
+            f"{jax.process_count()} process(es) hold {devices}: set the axis sizes so that "
+            f"data x fsdp x expert x tensor = {devices} (--config.mesh.data=0 fills data in)"
+        )
+    return make_mesh(**sizes)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+def state_shardings(cfg: ModelConfig, mesh: Mesh, state_shapes: TrainState) -> TrainState:
+    """A TrainState of NamedShardings: params and moments by the rules, the rest replicated."""
+    replicated = NamedSharding(mesh, P())
+    return TrainState(
+        step=replicated,
+        params=rules.param_shardings(cfg, mesh),
+        opt_state=rules.opt_state_shardings(cfg, mesh, state_shapes.opt_state),
+        rng=replicated,
+    )
 
 
-def state_shardings(mesh: Mesh, state_shapes):
-    """Every leaf replicated: a tree of NamedSharding matching `state_shapes`."""
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), state_shapes)
+def init_sharded_state(
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> tuple[TrainState, TrainState]:
+    """A fresh state created in place on `mesh` (no device holds more than its shards), and
+    its shardings."""
+    fresh = functools.partial(init_state, cfg, optimizer, seed)
+    shardings = state_shardings(cfg, mesh, jax.eval_shape(fresh))
+    return jax.jit(fresh, out_shardings=shardings)(), shardings
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows [B / P, T] -> one global [B, T] array per field, split over the mesh."""
-    sharding = batch_sharding(mesh)
+    sharding = rules.batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def forward(cfg: ModelConfig, params, batch):
-    return DeepSeekV2(cfg).apply(
+def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None):
+    # On one device the plain MoE path (its kernel chosen for the token count) beats a
+    # one-device all-to-all dispatch; on more, the expert-parallel dispatch.
+    model = DeepSeekV2(cfg, mesh=mesh if mesh is not None and mesh.size > 1 else None)
+    return model.apply(
         {"params": params},
         batch["inputs"],
         positions_BT=batch["positions"],
         segment_ids_BT=batch["segment_ids"],
+    )
+
+
+def micro_batches(batch, micro_steps: int):
+    """[B, T] fields -> [A, b, T]. Micro-batch a takes rows a, a + A, a + 2A, ...: each device
+    splits its own rows, so every micro-batch spans the whole mesh without moving data."""
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // micro_steps, micro_steps, *x.shape[1:]).swapaxes(0, 1),
+        batch,
     )
 
 
@@ -61,29 +99,27 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Mesh,
-    shardings,
+    shardings: TrainState,
     micro_steps: int,
 ):
     """(state, batch [B, T] fields) -> (state, metrics): A micro-batches, one AdamW update."""
 
     def micro_grads(params, micro, total_weight):
         def loss_fn(p):
-            return losses.train_loss(forward(cfg, p, micro), micro, total_weight, micro_steps)
+            out = forward(cfg, p, micro, mesh)
+            return losses.train_loss(out, micro, total_weight, micro_steps)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def step(state: TrainState, batch):
         total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
-        micro_BT = jax.tree.map(
-            lambda x: x.reshape(micro_steps, x.shape[0] // micro_steps, *x.shape[1:]), batch
-        )  # [A, b, T]
 
         def accumulate(grads, micro):
             (_, (nll, aux)), g = micro_grads(state.params, micro, total_weight)
             return jax.tree.map(jnp.add, grads, g), (nll, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (nll_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_BT)
+        grads, (nll_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_batches(batch, micro_steps))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(
             step=state.step + 1,
@@ -108,7 +144,7 @@ def make_train_step(
 
     return jax.jit(
         step,
-        in_shardings=(shardings, batch_sharding(mesh)),
+        in_shardings=(shardings, rules.batch_sharding(mesh)),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
@@ -118,13 +154,13 @@ def make_eval_step(cfg: ModelConfig, mesh: Mesh, params_shardings):
     """(params, batch) -> (nll sum, target count) over the batch's unmasked targets."""
 
     def step(params, batch):
-        out = forward(cfg, params, batch)
+        out = forward(cfg, params, batch, mesh)
         return losses.nll_sum(out.logits, batch["targets"], batch["weights"]), batch[
             "weights"
         ].sum()
 
     return jax.jit(
         step,
-        in_shardings=(params_shardings, batch_sharding(mesh)),
+        in_shardings=(params_shardings, rules.batch_sharding(mesh)),
         out_shardings=NamedSharding(mesh, P()),
     )

@@ -1,0 +1,101 @@
+"""Sample from a DeepSeek-V2 checkpoint, streaming tokens as they are made.
+
+    python sample.py --checkpoint runs/default --prompt "def fib(n):"
+    python sample.py --checkpoint path/to/DeepSeek-V2-Lite-Chat --chat --prompt "Hi!" \
+        --temperature 0.7 --top-p 0.9
+
+--checkpoint is an HF directory (config.json + safetensors, with tokenizer.json and
+tokenizer_config.json for its tokenizer and chat template) or a train.py run directory
+(orbax; byte tokenizer). Greedy with --temperature 0.
+"""
+
+import argparse
+import sys
+import time
+
+import jax
+
+import deepseek_jax as dj
+from deepseek_jax.data.tokenizers import TextStream, load_tokenizer
+from deepseek_jax.generate.cache import describe
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF checkpoint dir or train.py run dir")
+    p.add_argument("--prompt", default="", help="text to continue (with --chat: the user turn)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
+    p.add_argument("--system", help="with --chat: a system message before the user turn")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="always make --max-new-tokens")
+    return p.parse_args(argv)
+
+
+def prompt_ids(args, tokenizer) -> list[int]:
+    if not args.chat:
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise ValueError("--prompt is empty and the tokenizer adds no bos: give some text")
+        return ids
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    return tokenizer.encode_chat(messages)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    try:
+        cfg, params = dj.load_checkpoint(args.checkpoint)
+        tokenizer = load_tokenizer(args.checkpoint)
+        ids = prompt_ids(args, tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"sample.py: {e}")
+    eos = None if args.ignore_eos else tokenizer.eos_id
+    if eos is None and not args.ignore_eos and cfg.eos_token_id is not None:
+        eos = cfg.eos_token_id if cfg.eos_token_id < cfg.vocab_size else None
+
+    text, times, made = TextStream(tokenizer), [], []
+
+    def show(step, tokens_B):
+        if not times:  # the prompt waits for the checks in generate, so errors come first
+            print(tokenizer.decode(ids) if args.chat else args.prompt, end="", flush=True)
+        times.append(time.perf_counter())
+        token = int(tokens_B[0])
+        if made and made[-1] == eos:
+            return
+        made.append(token)
+        if token != eos:
+            print(text.push(token), end="", flush=True)
+
+    start = time.perf_counter()
+    try:
+        dj.generate(
+            cfg,
+            params,
+            [ids],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos=eos,
+            stream=show,
+        ).block_until_ready()
+    except ValueError as e:
+        sys.exit(f"sample.py: {e}")
+    jax.effects_barrier()  # the last stream callbacks
+    print()
+    decode = f"{(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else ""
+    print(
+        f"--- {len(made)} tokens; first after {times[0] - start:.2f} s (compile + prefill of "
+        f"{len(ids)}), then {decode}\n--- {describe(cfg, 1, len(ids) + args.max_new_tokens)}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Training on many devices and many processes, against one device.
+
+`tests/train_sharded_cases.py` runs in a subprocess with 8 fake CPU devices (the device count
+is fixed when jax starts):
+  - 3 train steps (2 micro-batches each) on meshes (data 2, expert 4) and (fsdp 2, expert 2,
+    tensor 2) give the losses, params and AdamW moments of 3 steps on one device;
+  - the compiled step holds all-to-all; params lie by the rules, moments split by ZeRO-1;
+  - a checkpoint saved on one mesh restores onto the other, equal, and training goes on there
+    as it goes on on the first.
+Here: train.py as two processes (jax.distributed over gloo, 2 CPU devices each) reaches the
+losses of one process with 4 devices, on mesh (data 2, expert 2).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from train_helpers import cli_flags, small_config
+
+from deepseek_jax.train.metrics import read
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sharded_training_on_eight_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+        + ["tests/train_sharded_cases.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert "4 passed" in run.stdout, run.stdout[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config, devices: int, log: str, *extra: str) -> subprocess.Popen:
+    """train.py in a subprocess with `devices` fake CPU devices; stderr to `log`."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    with open(log, "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "train.py", "--config", "configs/tiny.py", *cli_flags(config), *extra],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, str], timeout: float) -> None:
+    """Waits for every process; on a failure or the timeout kills the rest, shows the log."""
+    deadline = time.time() + timeout
+    try:
+        for name, proc in procs.items():
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            if code != 0:
+                with open(logs[name]) as f:
+                    raise AssertionError(f"{name}: exit {code}\n{f.read()[-4000:]}")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_two_processes_train_like_one(tmp_path):
+    configs = {}
+    for name in ("one process", "two processes"):
+        config = small_config(tmp_path / name.replace(" ", "_"), steps=4, log_every=1)
+        config.train.eval_every = config.train.save_every = 4
+        config.mesh.data, config.mesh.expert = 2, 2
+        configs[name] = config
+    address = f"127.0.0.1:{free_port()}"
+    logs = {name: str(tmp_path / f"{name}.log") for name in ("one", "rank 0", "rank 1")}
+    procs = {"one": launch(configs["one process"], 4, logs["one"])}
+    for i in (0, 1):
+        procs[f"rank {i}"] = launch(
+            configs["two processes"],
+            2,
+            logs[f"rank {i}"],
+            f"--coordinator_address={address}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+    wait_all(procs, logs, timeout=300)
+
+    one, two = (read(c.train.run_dir) for c in configs.values())
+    assert [r["step"] for r in two if r["kind"] == "train"] == [1, 2, 3, 4]
+    for key in ("train", "eval"):
+        a = [r.get("loss", r.get("eval_loss")) for r in one if r["kind"] == key]
+        b = [r.get("loss", r.get("eval_loss")) for r in two if r["kind"] == key]
+        np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert os.path.isdir(os.path.join(configs["two processes"].train.run_dir, "checkpoints", "4"))
