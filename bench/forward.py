@@ -23,6 +23,7 @@ import torch
 import transformers
 
 import deepseek_jax as dj
+from deepseek_jax.sizes import param_counts
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         theirs = torch_model(torch_tokens).logits.numpy()
     diff = float(np.abs(ours - theirs).max())
     print(
-        f"{args.preset}: {dj.config.param_counts(cfg)['total'] / 1e6:.1f}M params, batch "
+        f"{args.preset}: {param_counts(cfg)['total'] / 1e6:.1f}M params, batch "
         f"{args.batch} x {args.seq} tokens, fp32, {args.threads} threads; "
         f"max |logits diff| {diff:.2e} (first call, with compile: {compile_s:.1f} s)"
     )

@@ -27,6 +27,7 @@ import transformers
 import deepseek_jax as dj
 from deepseek_jax.generate.cache import expanded_bytes_per_token, nbytes
 from deepseek_jax.generate.loop import prefill
+from deepseek_jax.sizes import param_counts
 
 
 def median_seconds(fn, runs: int) -> tuple[float, object]:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     agree = (ours_tokens == theirs_tokens).cumprod(axis=1).sum(axis=1)
 
     print(
-        f"{args.preset}: {dj.config.param_counts(cfg)['total'] / 1e6:.1f}M params, batch "
+        f"{args.preset}: {param_counts(cfg)['total'] / 1e6:.1f}M params, batch "
         f"{args.batch}, {args.prompt}-token prompts, {args.new} new tokens, fp32, "
         f"{args.threads} threads (our first call, compile included: {compile_s:.1f} s)"
     )

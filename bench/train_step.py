@@ -24,7 +24,7 @@ import transformers
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint.hf import save_hf
-from deepseek_jax.config import param_counts
+from deepseek_jax.sizes import param_counts
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.defaults import base_config

@@ -5,15 +5,13 @@ put the two side by side; `from_hf` / `to_hf` convert, and the presets give the 
 shapes (DESIGN.md section 1). The balance-loss weights and token-dropping knobs are the paper's
 (section 2.2.3-2.2.4) and have no HF counterpart.
 
-    python -m deepseek_jax.config --preset v2      # totals, active params, cache bytes per token
+Sizes (total and active parameters, cache bytes per token) are in `deepseek_jax/sizes.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -420,62 +418,3 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-# Sizes, without allocating a parameter ------------------------------------------------------
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total and per-token active parameter counts, from `jax.eval_shape` of the model's init.
-
-    Active = total minus what one token does not multiply by: the routed experts it does not
-    use (E - K per MoE layer) and the embedding table (a row lookup). This reproduces the
-    paper's 21B (V2) and 2.4B (V2-Lite).
-    """
-    import jax  # noqa: PLC0415  (keeps `import deepseek_jax.config` free of jax)
-
-    from deepseek_jax.model.transformer import init_params  # noqa: PLC0415
-
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    unused = cfg.num_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * one_expert
-    embedding = cfg.vocab_size * cfg.hidden_size
-    return {"total": total, "active": total - unused - embedding}
-
-
-def cache_bytes_per_token(cfg: ModelConfig, bytes_per_number: int = 2) -> dict[str, int]:
-    """Inference cache per token over all layers: MLA latent vs a per-head K/V cache."""
-    layers = cfg.num_hidden_layers
-    return {
-        "latent": layers * cfg.latent_cache_dim * bytes_per_number,
-        "expanded": layers * cfg.expanded_cache_dim * bytes_per_number,
-    }
-
-
-def summary(cfg: ModelConfig) -> str:
-    counts = param_counts(cfg)
-    cache = cache_bytes_per_token(cfg)
-    return "\n".join(
-        [
-            f"total params      {counts['total'] / 1e9:10.3f} B  ({counts['total']:,})",
-            f"active per token  {counts['active'] / 1e9:10.3f} B  ({counts['active']:,})",
-            f"latent cache      {cache['latent']:10,d} bytes/token (bf16, {cfg.num_hidden_layers}"
-            f" layers x {cfg.latent_cache_dim} numbers)",
-            f"expanded K/V      {cache['expanded']:10,d} bytes/token (bf16, what MHA would cache;"
-            f" {cache['expanded'] / cache['latent']:.1f}x the latent)",
-        ]
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
-    parser.add_argument("--hf-config", help="a config.json or checkpoint dir instead of a preset")
-    args = parser.parse_args(argv)
-    cfg = ModelConfig.from_hf(args.hf_config) if args.hf_config else preset(args.preset)
-    print(summary(cfg))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@ import json
 import pytest
 from hf_models import YARN, hf_config
 
-from deepseek_jax import config
+from deepseek_jax import config, sizes
 from deepseek_jax.config import ModelConfig
 
 
@@ -92,23 +92,23 @@ def test_presets_are_hashable_static_args():
 
 def test_paper_parameter_table():
     """Paper table 1 / abstract: V2 236B total, 21B active; V2-Lite 15.7B, 2.4B active."""
-    v2 = config.param_counts(config.v2())
+    v2 = sizes.param_counts(config.v2())
     assert abs(v2["total"] / 235.7e9 - 1) < 0.005
     assert abs(v2["active"] / 21e9 - 1) < 0.03
-    lite = config.param_counts(config.v2_lite())
+    lite = sizes.param_counts(config.v2_lite())
     assert abs(lite["total"] / 15.7e9 - 1) < 0.005
     assert abs(lite["active"] / 2.4e9 - 1) < 0.03
-    small = config.param_counts(config.small())
+    small = sizes.param_counts(config.small())
     assert 80e6 < small["total"] < 150e6
 
 
 def test_latent_cache_is_576_numbers_for_v2():
     cfg = config.v2()
     assert cfg.latent_cache_dim == 576
-    assert config.cache_bytes_per_token(cfg)["latent"] == 60 * 576 * 2
+    assert sizes.cache_bytes_per_token(cfg)["latent"] == 60 * 576 * 2
 
 
 def test_cli_prints_summary(capsys):
-    config.main(["--preset", "v2"])
+    sizes.main(["--preset", "v2"])
     out = capsys.readouterr().out
     assert "235.74" in out and "69,120 bytes/token" in out
