@@ -6,6 +6,8 @@ the Python standard library's own sources, under 10 minutes on a 2-core CPU.
     python train.py --config configs/small.py --config.data.source=arrayrecord \
         --config.data.path=data/packed                      # see deepseek_jax.data.prepare
     python -m deepseek_jax.train.plot runs/default          # loss curves, expert load
+    python train.py --config configs/sft.py                 # SFT on chat data (mode "sft")
+    python train.py --config configs/grpo.py                # GRPO from an SFT run ("grpo")
 
 Any config field can be overridden with --config.<section>.<field>=value; an unknown or
 mistyped field fails before any work starts. Running again resumes from the last checkpoint.
@@ -21,7 +23,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.parallel.mesh import start_processes
-from deepseek_jax.train.loop import run
+from deepseek_jax.rl import grpo, sft
+from deepseek_jax.train import loop
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT, lock_config=True)
@@ -41,7 +44,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     if _DISTRIBUTED.value or _COORDINATOR.value:
         start_processes(_COORDINATOR.value, _PROCESSES.value, _PROCESS_ID.value)
-    run(_CONFIG.value)
+    config = _CONFIG.value
+    runs = {"pretrain": loop.run, "sft": sft.run, "grpo": grpo.run}
+    if config.mode not in runs:
+        raise app.UsageError(f"config.mode={config.mode!r}: choose one of {sorted(runs)}")
+    runs[config.mode](config)
 
 
 if __name__ == "__main__":

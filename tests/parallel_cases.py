@@ -174,3 +174,15 @@ def test_mesh_and_rules_errors():
         rules.spec(("batch", "embed"))
     with pytest.raises(ValueError, match="n_group must be a multiple"):
         expert.expert_devices(CFG.replace(n_group=4, topk_group=2), dj.make_mesh(expert=8))
+
+
+def test_generate_on_the_mesh_matches_single_device(setup):
+    """Greedy generation with params sharded on (data 2, expert 4): the same tokens as on one
+    device, with the batch split (8 rows) and replicated (3 rows)."""
+    params, tokens = setup
+    mesh = dj.make_mesh(**MESHES["data2_expert4"])
+    placed = dj.shard_params(CFG, params, mesh)
+    for prompts in (tokens[:, :5], tokens[:3, :4]):
+        plain = dj.generate(CFG, params, prompts, max_new_tokens=6)
+        sharded = dj.generate(CFG, placed, prompts, max_new_tokens=6, mesh=mesh)
+        np.testing.assert_array_equal(sharded, plain)

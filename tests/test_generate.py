@@ -285,7 +285,22 @@ def test_sample_py_streams_and_refuses_bad_input(tmp_path, capsys):
         ("missing", [], "does not exist"),
         ("bytes", ["--prompt", "x" * 45], "passes the context of 48"),
         ("narrow", ["--prompt", "hi"], "token id 104, outside the model's vocabulary"),
-        ("bytes", ["--prompt", "hi", "--chat"], "no chat template"),
     ]:
         with pytest.raises(SystemExit, match=message):
             sample.main(["--checkpoint", str(tmp_path / directory), *argv])
+
+
+def test_generate_on_a_mesh_matches_and_returns_logprobs():
+    """On the training mesh (one device here; tests/parallel_cases.py: eight) generation gives
+    the same tokens, and its log-probs are log-softmax of the logits at temperature 1."""
+    cfg, params = random_params("plain")
+    prompts = [[1, 2, 3], [4, 5]]
+    mesh = dj.make_mesh()
+    plain = np.asarray(dj.generate(cfg, params, prompts, max_new_tokens=6))
+    new, logp = dj.generate(
+        cfg, dj.shard_params(cfg, params, mesh), prompts, 6, return_logprobs=True, mesh=mesh
+    )
+    np.testing.assert_array_equal(new, plain)
+    logits = dj.DeepSeekV2(cfg).apply({"params": params}, np.array([prompts[0] + list(plain[0])]))
+    expected = jax.nn.log_softmax(logits.logits[0, 2:-1], axis=-1)[np.arange(6), plain[0]]
+    np.testing.assert_allclose(logp[0], expected, atol=1e-4)

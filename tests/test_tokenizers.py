@@ -70,8 +70,11 @@ def test_bytes_round_trip():
     text = "héllo, 世界 🙂"
     assert tok.decode(tok.encode(text)) == text
     assert max(tok.encode(text)) < tok.vocab_size
-    with pytest.raises(ValueError, match="no chat template"):
-        tok.encode_chat(MESSAGES)
+    # The built-in template is DeepSeek-V2-Chat's, with no bos and byte 4 as eos.
+    assert tok.chat_template == CHAT_TEMPLATE
+    ids = tok.encode_chat(MESSAGES[1:3], add_generation_prompt=False)
+    assert tok.decode(ids) == "User: Hi there, 中文?\n\nAssistant: Hello.\x04"
+    assert ids[-1] == tok.eos_id == 4
 
 
 def test_directory_without_tokenizer_json_falls_back_to_bytes(tmp_path):

@@ -17,7 +17,7 @@ import os
 import grain
 import numpy as np
 
-from deepseek_jax.data import packing, sources
+from deepseek_jax.data import chat, packing, sources
 from deepseek_jax.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer
 
 META = "meta.json"
@@ -61,16 +61,17 @@ def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray
 
 
 class InMemoryRows:
-    """Random access to packed rows held in memory: row i -> (tokens, segments)."""
+    """Random access to packed rows held in memory: row i -> (tokens, segments), or (tokens,
+    segments, loss mask) for chat rows."""
 
-    def __init__(self, tokens_RT: np.ndarray, segments_RT: np.ndarray):
-        self.tokens, self.segments = tokens_RT, segments_RT
+    def __init__(self, tokens_RT: np.ndarray, segments_RT: np.ndarray, masks_RT=None):
+        self.fields = (tokens_RT, segments_RT) + (() if masks_RT is None else (masks_RT,))
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.fields[0])
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.tokens[i], self.segments[i]
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
+        return tuple(field[i] for field in self.fields)
 
 
 def encode_row(tokens: np.ndarray, segments: np.ndarray) -> bytes:
@@ -101,7 +102,13 @@ def row_datasets(data_cfg, seq_len: int) -> tuple[dict[str, grain.MapDataset], s
             for split in ("train", "eval")
         }
         return datasets, meta["tokenizer"]
-    rows = packed_rows(data_cfg, make_tokenizer(data_cfg.tokenizer), seq_len)
+    tokenizer = make_tokenizer(data_cfg.tokenizer)
+    if data_cfg.source == "chat":  # SFT: whole conversations, loss on the assistant's tokens
+        rows = chat.chat_rows(
+            data_cfg.path, tokenizer, seq_len, data_cfg.holdout_fraction, data_cfg.text_field
+        )
+    else:
+        rows = packed_rows(data_cfg, tokenizer, seq_len)
     datasets = {s: grain.MapDataset.source(InMemoryRows(*r)) for s, r in rows.items()}
     return datasets, data_cfg.tokenizer
 

@@ -88,5 +88,6 @@ def documents(source: str, path: str = "", text_field: str = "text") -> Iterator
     if source == "parquet":
         return read_parquet(expand(path, ".parquet"), text_field)
     raise ValueError(
-        f"data.source={source!r}: choose one of {TEXT_SOURCES} or 'arrayrecord' (see prepare)"
+        f"data.source={source!r}: choose one of {TEXT_SOURCES}, 'arrayrecord' (see prepare) or "
+        "'chat' (SFT)"
     )

@@ -14,6 +14,7 @@ writes it), rendered with jinja2 the way transformers renders it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -24,13 +25,26 @@ CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 
 
+# The published DeepSeek-V2-Chat template (tokenizer_config.json), verbatim.
+DEEPSEEK_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'Assistant:' }}{% endif %}"
+)
+
+
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255. No special tokens: the default corpus needs none."""
+    """UTF-8 bytes as ids 0..255. No bos; eos is byte 4 (ASCII "end of transmission"), which
+    text never holds, so it can end a chat turn. The chat template is DeepSeek-V2-Chat's."""
 
     vocab_size = 256
     bos_id: int | None = None
-    eos_id: int | None = None
-    chat_template: str | None = None
+    eos_token = "\x04"
+    eos_id = 4
+    chat_template = DEEPSEEK_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -38,11 +52,17 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        raise ValueError(
-            "the byte tokenizer has no chat template: give a checkpoint directory with a "
-            f"{TOKENIZER_FILE} and a chat_template in {CONFIG_FILE}, or prompt without --chat"
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            bos_token="",
+            eos_token=self.eos_token,
         )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
 def special_token(entry) -> str | None:
@@ -52,9 +72,11 @@ def special_token(entry) -> str | None:
     return entry
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, **tokens):
-    """The chat template rendered as transformers renders it: a sandboxed jinja2 environment
-    with trim_blocks/lstrip_blocks, `tojson`, `raise_exception` and `strftime_now`."""
+@functools.cache
+def compile_template(template: str):
+    """The chat template compiled as transformers compiles it: a sandboxed jinja2 environment
+    with trim_blocks/lstrip_blocks, `tojson`, `raise_exception` and `strftime_now`. Cached:
+    SFT renders every conversation several times (`deepseek_jax.data.chat.render`)."""
     from jinja2.ext import loopcontrols  # noqa: PLC0415  (jinja2 only for chat)
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
 
@@ -67,7 +89,12 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(
+    return env.from_string(template)
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, **tokens):
+    """The chat template rendered as transformers renders it."""
+    return compile_template(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **tokens
     )
 

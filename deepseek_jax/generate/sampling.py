@@ -59,3 +59,10 @@ def sample(
     if top_p is not None and top_p < 1.0:
         logits_BV = top_p_filter(logits_BV, top_p)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def sampled_logprobs(logits_BV: jnp.ndarray, tokens_B: jnp.ndarray) -> jnp.ndarray:
+    """[B] float32 log pi(token) under the unfiltered softmax at temperature 1: the model's own
+    probability of what was sampled, whatever the sampling settings."""
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]

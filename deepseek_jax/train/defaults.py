@@ -1,6 +1,7 @@
 """The ml-collections config every configs/*.py starts from.
 
 model      every ModelConfig field (a preset's values), overridable one by one
+mode       pretrain | sft | grpo (train.py runs the matching loop)
 mesh       device mesh axis sizes (deepseek_jax/parallel)
 data       source, path, tokenizer, seq_len, held-out share (deepseek_jax/data)
 optimizer  AdamW and the schedule (paper 3.2.1 values)
@@ -16,12 +17,13 @@ from deepseek_jax.config import preset
 
 def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.mode = "pretrain"  # pretrain | sft (configs/sft.py) | grpo (configs/grpo.py)
     config.model = preset(model_preset).to_dict()
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "stdlib"  # stdlib | text | jsonl | parquet | arrayrecord
+    config.data.source = "stdlib"  # stdlib | text | jsonl | parquet | arrayrecord | chat
     config.data.path = ""  # file, folder or glob (arrayrecord: the `prepare` output folder)
-    config.data.text_field = "text"  # jsonl / parquet
+    config.data.text_field = "text"  # jsonl / parquet; chat: the messages field
     config.data.tokenizer = "byte"
     config.data.seq_len = 256
     config.data.holdout_fraction = 0.01  # the last 1% of the token stream is held out

@@ -1,0 +1,29 @@
+"""SFT (mode "sft"): a byte-level model on chat data, loss on the assistant's tokens only.
+The default data is the addition task of `bench/addition_demo.py` (which writes it):
+
+    python bench/addition_demo.py --out runs/addition      # or any JSONL of {"messages": ...}
+    python train.py --config configs/sft.py --config.data.path=runs/addition/train.jsonl
+"""
+
+from deepseek_jax.train.defaults import base_config
+
+
+def get_config():
+    config = base_config("tiny")
+    config.mode = "sft"
+    config.model.num_hidden_layers = 2
+    config.data.source = "chat"
+    config.data.path = "runs/addition/train.jsonl"
+    config.data.text_field = "messages"
+    config.data.seq_len = 128
+    config.data.holdout_fraction = 0.02
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 30
+    config.optimizer.weight_decay = 0.0
+    config.train.steps = 400
+    config.train.batch_size = 16
+    config.train.log_every = 20
+    config.train.eval_every = 100
+    config.train.save_every = 100
+    config.train.run_dir = "runs/sft"
+    return config
