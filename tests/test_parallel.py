@@ -15,33 +15,18 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8:
   - greedy generation on a (data 2, expert 4) mesh gives the single-device tokens.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import optax
 import pytest
+from eight_devices import run_cases
 from jax.sharding import PartitionSpec as P
 
 import deepseek_jax as dj
 from deepseek_jax.parallel import rules
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_expert_parallel_on_eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-        + ["tests/parallel_cases.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "8 passed" in run.stdout, run.stdout[-3000:]
+    run_cases("tests/parallel_cases.py", expected_passed=8)
 
 
 def test_every_param_has_a_rule_and_experts_split_on_expert():

@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+from eight_devices import run_cases
 from train_helpers import cli_flags, small_config
 
 from deepseek_jax.train.metrics import read
@@ -26,18 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sharded_training_on_eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-        + ["tests/train_sharded_cases.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert "4 passed" in run.stdout, run.stdout[-3000:]
+    run_cases("tests/train_sharded_cases.py", expected_passed=4)
 
 
 def free_port() -> int:
