@@ -5,20 +5,11 @@ import json
 
 import pytest
 import transformers
+from hf_models import BOS, CHAT_TEMPLATE, EOS
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from deepseek_jax.data.tokenizers import ByteTokenizer, TextStream, load_tokenizer
 
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-# The published DeepSeek-V2-Chat template (DESIGN.md 8).
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "{{ 'Assistant:' }}{% endif %}"
-)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "User: what is a latent cache?\n\nAssistant: the compressed keys and values.",
