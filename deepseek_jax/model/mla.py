@@ -1,13 +1,16 @@
 """Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1).
 
 Legend: B batch, T query positions, S key positions, D model width, H heads,
-N nope dim (dn), R rope dim (dr), V value dim (dv), Q q latent (r_q), C kv latent (r_kv).
+N nope dim (dn), R rope dim (dr), K = N + R, V value dim (dv), Q q latent (r_q),
+C kv latent (r_kv).
 
 Paper equations (2.1.2 low-rank key-value joint compression, 2.1.3 decoupled RoPE):
-    c_Q   = RMSNorm(W_DQ h)                  (9)   q_C = W_UQ c_Q      (10)   q_R = RoPE(W_QR c_Q) (12)
-    c_KV  = RMSNorm(W_DKV h)                  (1)   k_C = W_UK c_KV     (2)    v_C = W_UV c_KV      (3)
-    k_R   = RoPE(W_KR h)                      (13)  one k_R shared by all heads
-    o_t,i = sum_j softmax_j(q_t,i . k_j,i / sqrt(dn + dr)) v_j,i       (17)  u = W_O o  (18)
+    c_KV = W_DKV h        (9)    k_C = W_UK c_KV      (10)   v_C = W_UV c_KV             (11)
+    c_Q  = W_DQ h         (12)   q_C = W_UQ c_Q       (13)   q_R = RoPE(W_QR c_Q)        (14)
+    k_R  = RoPE(W_KR h)   (15)   one k_R shared by all heads
+    q_t,i = [q_C_t,i ; q_R_t,i]  (16)                k_t,i = [k_C_t,i ; k_R_t]          (17)
+    o_t,i = sum_j softmax_j(q_t,i . k_j,i / sqrt(dn + dr)) v_C_j,i  (18)   u = W_O o    (19)
+The published weights (and so this code) also RMS-normalise c_KV and c_Q.
 With r_q = None (V2-Lite) the query is projected from h directly: q_C = W_UQ h, q_R = W_QR h.
 
 Two ways to compute the same scores:
@@ -65,7 +68,7 @@ class MLA(nn.Module):
         self.w_o = weight(self, "w_o", cfg, (h, v, d), ("heads", "head_dim", "embed"))
 
     def queries(self, x_BTD, cos, sin):
-        """q_C [B, T, H, N] and roped q_R [B, T, H, R]: equations (9), (10), (12)."""
+        """q_C [B, T, H, N] and roped q_R [B, T, H, R]: equations (12), (13), (14)."""
         c_q = x_BTD
         if self.cfg.q_lora_rank is not None:
             c_q = self.q_norm(x_BTD @ self.w_dq)  # BTQ
@@ -74,7 +77,7 @@ class MLA(nn.Module):
         return q_c, q_r
 
     def latents(self, x_BTD, cos, sin):
-        """[c_KV | k_R] of shape [B, T, C + R]: equations (1) and (13), the cached numbers."""
+        """[c_KV | k_R] of shape [B, T, C + R]: equations (9) and (15), the cached numbers."""
         c_kv = self.kv_norm(x_BTD @ self.w_dkv)  # BTC
         k_r = apply_rope(x_BTD @ self.w_kr, cos, sin)  # BTR
         return jnp.concatenate([c_kv, k_r], axis=-1)
@@ -88,13 +91,15 @@ class MLA(nn.Module):
         if cache is None:
             with jax.named_scope("mla_expanded"):
                 c_kv, k_r = new_latents[..., :c], new_latents[..., c:]
-                k_c = jnp.einsum("BSC,CHN->BSHN", c_kv, self.w_uk)  # (2)
-                v_c = jnp.einsum("BSC,CHV->BSHV", c_kv, self.w_uv)  # (3)
-                scores = jnp.einsum("BTHN,BSHN->BHTS", q_c, k_c)
-                scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
+                k_c = jnp.einsum("BSC,CHN->BSHN", c_kv, self.w_uk)  # (10)
+                v_c = jnp.einsum("BSC,CHV->BSHV", c_kv, self.w_uv)  # (11)
+                q = jnp.concatenate([q_c, q_r], axis=-1)  # (16)
+                k_r = jnp.broadcast_to(k_r[:, :, None], (*k_c.shape[:3], k_r.shape[-1]))
+                k = jnp.concatenate([k_c, k_r], axis=-1)  # (17)
+                scores = jnp.einsum("BTHK,BSHK->BHTS", q, k)
                 probs = attend(scores * scale, mask).astype(v_c.dtype)
-                o = jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (17)
-            return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (18)
+                o = jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (18)
+            return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (19)
 
         with jax.named_scope("mla_absorbed"):
             rows = jnp.arange(x_BTD.shape[0])[:, None]

@@ -63,17 +63,17 @@ def balance_losses(cfg: ModelConfig, routing: Routing, batch: int) -> dict[str, 
     chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=1)  # NE, 0/1
     chosen_BTE = chosen.reshape(batch, -1, e)
     t = chosen_BTE.shape[1]
-    f = chosen_BTE.sum(axis=1) * e / (k * t)  # BE   (13) f_i
-    p = routing.scores.reshape(batch, -1, e).mean(axis=1)  # BE   (14) P_i
-    expert_loss = jnp.sum(f * p, axis=-1)  # (12)
+    f = chosen_BTE.sum(axis=1) * e / (k * t)  # BE   (24) f_i
+    p = routing.scores.reshape(batch, -1, e).mean(axis=1)  # BE   (25) P_i
+    expert_loss = jnp.sum(f * p, axis=-1)  # (23)
 
-    f_dev = f.reshape(batch, g, -1).mean(axis=-1)  # BG   (16) f'_d
-    p_dev = p.reshape(batch, g, -1).sum(axis=-1)  # BG   (17) P'_d
-    device_loss = jnp.sum(f_dev * p_dev, axis=-1)  # (15)
+    f_dev = f.reshape(batch, g, -1).mean(axis=-1)  # BG   (27) f'_d
+    p_dev = p.reshape(batch, g, -1).sum(axis=-1)  # BG   (28) P'_d
+    device_loss = jnp.sum(f_dev * p_dev, axis=-1)  # (26)
 
     sent = chosen_BTE.reshape(batch, t, g, -1).max(axis=-1)  # BTG: token t reaches device d
-    f_comm = sent.sum(axis=1) * g / (m * t)  # (19) f''_d
-    comm_loss = jnp.sum(f_comm * p_dev, axis=-1)  # (18), P''_d = P'_d
+    f_comm = sent.sum(axis=1) * g / (m * t)  # (30) f''_d
+    comm_loss = jnp.sum(f_comm * p_dev, axis=-1)  # (29), P''_d = P'_d (31)
     return {
         "expert_loss": cfg.aux_loss_alpha1 * expert_loss.mean(),
         "device_loss": cfg.aux_loss_alpha2 * device_loss.mean(),
