@@ -23,6 +23,7 @@ from deepseek_jax.config import ModelConfig
         (dict(hidden_size=0), "hidden_size"),
         (dict(dtype="fp8"), "dtype"),
         (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(scan_unroll=0), "scan_unroll"),
     ],
 )
 def test_invalid_values_name_the_field(changes, field):

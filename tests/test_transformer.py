@@ -1,5 +1,5 @@
-"""The decoder as a whole: the 60-layer config compiles fast, remat changes nothing
-numerically, the aux record has the documented shapes. (Packed documents: test_train.py.)"""
+"""The decoder as a whole: the 60-layer config compiles fast, remat and unrolling change
+nothing numerically, the aux record has the documented shapes. (Packed documents: test_train.py.)"""
 
 import time
 
@@ -32,8 +32,15 @@ def tiny():
     return cfg, jax.jit(dj.init_params, static_argnums=0)(cfg, jax.random.key(0))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
-def test_remat_policy_keeps_values_and_grads(tiny, policy):
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(remat_policy="full"),
+        dict(remat_policy="dots_with_no_batch_dims_saveable"),
+        dict(scan_unroll=2),
+    ],
+)
+def test_remat_and_unroll_keep_values_and_grads(tiny, change):
     cfg, params = tiny
     tokens = np.random.RandomState(1).randint(0, 256, (2, 16))
 
@@ -42,7 +49,7 @@ def test_remat_policy_keeps_values_and_grads(tiny, policy):
         return out.logits.mean() + out.aux.total
 
     base_loss, base_grad = jax.value_and_grad(loss)(params, cfg)
-    remat_loss, remat_grad = jax.value_and_grad(loss)(params, cfg.replace(remat_policy=policy))
+    remat_loss, remat_grad = jax.value_and_grad(loss)(params, cfg.replace(**change))
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), remat_grad, base_grad)
 

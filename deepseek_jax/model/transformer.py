@@ -97,6 +97,7 @@ def stack(
             0 if with_cache else nn.broadcast,
         ),
         length=length,
+        unroll=min(cfg.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, moe, mesh, name=name)
