@@ -6,7 +6,9 @@ is fixed when jax starts):
     tensor 2) give the losses, params and AdamW moments of 3 steps on one device;
   - the compiled step holds all-to-all; params lie by the rules, moments split by ZeRO-1;
   - a checkpoint saved on one mesh restores onto the other, equal, and training goes on there
-    as it goes on on the first.
+    as it goes on on the first;
+  - GRPO samples from the state where it lies on (data 2, expert 4), and its update gives the
+    samples, log-probs and params of one device.
 Here: train.py as two processes (jax.distributed over gloo, 2 CPU devices each) reaches the
 losses of one process with 4 devices, on mesh (data 2, expert 2).
 """
@@ -27,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sharded_training_on_eight_devices():
-    run_cases("tests/train_sharded_cases.py", expected_passed=4)
+    run_cases("tests/train_sharded_cases.py", expected_passed=5)
 
 
 def free_port() -> int:
