@@ -7,9 +7,9 @@ zero-padded and answering least-significant digit first ("012+039" -> "1500", th
 1. Writes the data: "a+b" user turns with the sum as the assistant's answer (a, b below
    10**digits), and two fixed sets of pairs never seen in training: validation and held-out.
 2. SFT (configs/sft.py, `python train.py --config configs/sft.py`) from scratch, `--chunk`
-   steps at a time. This task is learned in a sudden drop of the loss whose step varies from
-   run to run (measured: ~350 in one, none by 580 in another; threads reduce in varying order
-   on the CPU), so SFT stops at the first chunk whose *validation* exact match reaches
+   steps at a time. This task is learned in a sudden drop of the loss (from step ~200 in the
+   runs measured; its step varies from run to run, threads reduce in varying order on the
+   CPU), so SFT stops at the first chunk whose *validation* exact match reaches
    `--start-accuracy`: a middling model for GRPO to start from.
 3. Exact match of that checkpoint on the held-out set: greedy answers scored by the reward.
 4. GRPO (configs/grpo.py) from it, rewards from the same exact-match function.
@@ -102,7 +102,7 @@ def plot_rewards(run_dir: str, path: str) -> None:
     ax.set_ylabel("reward")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -140,8 +140,8 @@ def main(argv=None) -> None:
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--train", type=int, default=30000)
     p.add_argument("--held-out", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=100)
-    p.add_argument("--max-sft-steps", type=int, default=2000)
+    p.add_argument("--chunk", type=int, default=50)
+    p.add_argument("--max-sft-steps", type=int, default=1000)
     p.add_argument("--start-accuracy", type=float, default=0.3)
     p.add_argument("--grpo-steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
