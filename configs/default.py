@@ -1,7 +1,13 @@
 """The default job (`python train.py`): a byte-level DeepSeek-V2 on the Python standard
-library's own sources, held-out last 1%, under 10 minutes on a 2-core CPU. The model is the
-`tiny` preset's shape (MLA + 16 routed experts top-2 of 4 groups, 1 shared); the rate is
-high and decays by the paper's steps because the run is short.
+library's own sources, held-out last 1%, in about 7 minutes on a 2-core CPU.
+
+The architecture is the `tiny` preset's (MLA + 16 routed experts top-2 of 4 groups, 1 shared,
+a dense first layer) with narrower FFNs, in batches of 16 rows of 128 bytes: on this CPU
+that ran 40% more tokens a second than the preset's widths in 8 rows of 256, and reached a
+lower held-out loss after the same number of tokens (2.17 against 2.42 bits/byte after 1.3M,
+measured). The init std is wider than the paper's 0.006, which is meant for width 5120 (2.89
+against 3.12 bits/byte at step 200 of the earlier default, measured); the rate is high and
+decays by the paper's steps because the run is short.
 """
 
 from deepseek_jax.train.defaults import base_config
@@ -9,15 +15,19 @@ from deepseek_jax.train.defaults import base_config
 
 def get_config():
     config = base_config("tiny")
-    config.data.seq_len = 256
+    config.model.intermediate_size = 512
+    config.model.moe_intermediate_size = 128
+    config.model.initializer_range = 0.02
+    config.model.scan_unroll = 4  # all four layers unrolled: no per-layer weight slicing
+    config.data.seq_len = 128
     config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 50
-    config.train.steps = 400
+    config.optimizer.warmup_steps = 60
+    config.train.steps = 800
     config.train.batch_size = 16
     config.train.log_every = 10
-    config.train.eval_every = 100
-    config.train.eval_batches = 16  # a fifth of the held-out 1%; the last eval reads it all
-    config.train.save_every = 100
+    config.train.eval_every = 200
+    config.train.eval_batches = 16  # part of the held-out 1%; the last eval reads it all
+    config.train.save_every = 200
     config.train.run_dir = "runs/default"
     config.train.compilation_cache = "~/.cache/deepseek_jax/xla"
     return config
