@@ -1,5 +1,5 @@
 """Train DeepSeek-V2 (JAX/Flax). With no flags, the default job: a small byte-level model on
-the Python standard library's own sources, under 10 minutes on a 2-core CPU.
+the Python standard library's own sources, about 7 minutes on a 2-core CPU.
 
     python train.py                                         # configs/default.py -> runs/default
     python train.py --config configs/tiny.py --config.train.steps=200
