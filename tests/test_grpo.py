@@ -2,7 +2,6 @@
 rewarded answer's log-prob and lowers the others', rewards are pluggable, and SFT then GRPO
 run end to end from configs/sft.py and configs/grpo.py through train.py's dispatch."""
 
-import json
 import os
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from test_sft import CFG
+from train_helpers import write_additions
 
 import deepseek_jax as dj
 from deepseek_jax.rl import grpo, sft
@@ -82,19 +82,13 @@ def test_sft_then_grpo_end_to_end(tmp_path):
     from configs import grpo as grpo_config
     from configs import sft as sft_config
 
-    data = tmp_path / "add.jsonl"
-    rng = np.random.default_rng(0)
-    with open(data, "w") as f:
-        for a, b in rng.integers(0, 100, (400, 2)).tolist():
-            turns = [{"role": "user", "content": f"{a:02d}+{b:02d}"}]
-            turns.append({"role": "assistant", "content": str(a + b).zfill(3)[::-1]})
-            f.write(json.dumps({"messages": turns}) + "\n")
+    data = write_additions(tmp_path / "add.jsonl")
 
     def shrink(config):
         for key, value in CFG.to_dict().items():
             if key in ("hidden_size", "intermediate_size", "moe_intermediate_size"):
                 config.model[key] = value
-        config.data.path = str(data)
+        config.data.path = data
         config.data.holdout_fraction = 0.1
         config.optimizer.warmup_steps = 1
         config.train.batch_size = 4

@@ -10,7 +10,7 @@ is fixed when jax starts):
   - GRPO samples from the state where it lies on (data 2, expert 4), and its update gives the
     samples, log-probs and params of one device.
 Here: train.py as two processes (jax.distributed over gloo, 2 CPU devices each) reaches the
-losses of one process with 4 devices, on mesh (data 2, expert 2).
+losses of one process with 4 devices, on mesh (data 2, expert 2), pretraining and GRPO.
 """
 
 import os
@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 from eight_devices import run_cases
-from train_helpers import cli_flags, small_config
+from train_helpers import CACHE, cli_flags, small_config, write_additions
 
+from deepseek_jax.rl import sft
 from deepseek_jax.train.metrics import read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, devices: int, log: str, *extra: str) -> subprocess.Popen:
+def launch(config, devices: int, log: str, *extra: str, file="configs/tiny.py", model_keys=None):
     """train.py in a subprocess with `devices` fake CPU devices; stderr to `log`."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = cli_flags(config, model_keys or ("num_hidden_layers",))
     with open(log, "w") as err:
         return subprocess.Popen(
-            [sys.executable, "train.py", "--config", "configs/tiny.py", *cli_flags(config), *extra],
+            [sys.executable, "train.py", "--config", file, *flags, *extra],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -70,16 +72,12 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, str], timeout: 
                 proc.wait()
 
 
-def test_two_processes_train_like_one(tmp_path):
-    configs = {}
-    for name in ("one process", "two processes"):
-        config = small_config(tmp_path / name.replace(" ", "_"), steps=4, log_every=1)
-        config.train.eval_every = config.train.save_every = 4
-        config.mesh.data, config.mesh.expert = 2, 2
-        configs[name] = config
+def run_like_one(configs: dict, tmp_path, **launch_kw) -> None:
+    """configs["one process"] on 4 devices beside configs["two processes"] as two processes of
+    2 devices each (jax.distributed over gloo on 127.0.0.1)."""
     address = f"127.0.0.1:{free_port()}"
     logs = {name: str(tmp_path / f"{name}.log") for name in ("one", "rank 0", "rank 1")}
-    procs = {"one": launch(configs["one process"], 4, logs["one"])}
+    procs = {"one": launch(configs["one process"], 4, logs["one"], **launch_kw)}
     for i in (0, 1):
         procs[f"rank {i}"] = launch(
             configs["two processes"],
@@ -88,8 +86,19 @@ def test_two_processes_train_like_one(tmp_path):
             f"--coordinator_address={address}",
             "--num_processes=2",
             f"--process_id={i}",
+            **launch_kw,
         )
     wait_all(procs, logs, timeout=300)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    configs = {}
+    for name in ("one process", "two processes"):
+        config = small_config(tmp_path / name.replace(" ", "_"), steps=4, log_every=1)
+        config.train.eval_every = config.train.save_every = 4
+        config.mesh.data, config.mesh.expert = 2, 2
+        configs[name] = config
+    run_like_one(configs, tmp_path)
 
     one, two = (read(c.train.run_dir) for c in configs.values())
     assert [r["step"] for r in two if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -98,3 +107,44 @@ def test_two_processes_train_like_one(tmp_path):
         b = [r.get("loss", r.get("eval_loss")) for r in two if r["kind"] == key]
         np.testing.assert_allclose(b, a, rtol=1e-5)
     assert os.path.isdir(os.path.join(configs["two processes"].train.run_dir, "checkpoints", "4"))
+
+
+def test_two_processes_grpo_like_one(tmp_path):
+    """GRPO as two processes samples the same answers, scores them alike and makes the same
+    updates as one process: rollouts are gathered to every host and placed back on the mesh."""
+    sys.path.insert(0, ROOT)
+    from configs import grpo as grpo_config
+    from configs import sft as sft_config
+
+    narrow = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32}
+    data = write_additions(tmp_path / "add.jsonl")
+    config = sft_config.get_config()
+    config.model.update(narrow)
+    config.data.path = data
+    config.data.holdout_fraction = 0.1
+    config.optimizer.warmup_steps = 1
+    config.train.update(
+        dict(steps=2, batch_size=4, save_every=2, eval_every=2, async_checkpoint=False)
+    )
+    config.train.update(dict(run_dir=str(tmp_path / "sft"), compilation_cache=CACHE))
+    sft.run(config)
+
+    configs = {}
+    for name in ("one process", "two processes"):
+        config = grpo_config.get_config()
+        config.model.update(narrow)
+        config.mesh.data, config.mesh.expert = 2, 2
+        config.data.path = data
+        config.optimizer.warmup_steps = 1
+        config.train.update(dict(steps=2, run_dir=str(tmp_path / name.replace(" ", "_"))))
+        config.train.compilation_cache = CACHE
+        config.grpo.update(dict(init_from=str(tmp_path / "sft"), prompts_per_step=4, group_size=4))
+        configs[name] = config
+    run_like_one(configs, tmp_path, file="configs/grpo.py", model_keys=tuple(narrow))
+
+    one, two = (read(c.train.run_dir) for c in configs.values())
+    assert [r["step"] for r in two if r["kind"] == "train"] == [1, 2]
+    for key in ("reward_mean", "response_length", "loss", "kl"):
+        a = [r[key] for r in one if r["kind"] == "train"]
+        b = [r[key] for r in two if r["kind"] == "train"]
+        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=key)

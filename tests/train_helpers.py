@@ -1,5 +1,7 @@
-"""A few-second training config, a packed batch and train.py flags for the training tests."""
+"""A few-second training config, a packed batch, addition chats and train.py flags for the
+training tests."""
 
+import json
 import os
 
 import numpy as np
@@ -22,6 +24,17 @@ def write_corpus(directory, files: int = 30) -> str:
         with open(os.path.join(directory, f"doc{i:03d}.py"), "w") as f:
             f.write(text)
     return str(directory)
+
+
+def write_additions(path, n: int = 400) -> str:
+    """`n` chats "ab+cd" -> the sum zero-padded and reversed (bench/addition_demo.py's task)."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for a, b in rng.integers(0, 100, (n, 2)).tolist():
+            turns = [{"role": "user", "content": f"{a:02d}+{b:02d}"}]
+            turns.append({"role": "assistant", "content": str(a + b).zfill(3)[::-1]})
+            f.write(json.dumps({"messages": turns}) + "\n")
+    return str(path)
 
 
 def small_config(tmp_path, **train):
@@ -47,13 +60,13 @@ def small_config(tmp_path, **train):
     return config
 
 
-def cli_flags(config) -> list[str]:
-    """The config as train.py command-line overrides."""
+def cli_flags(config, model_keys=("num_hidden_layers",)) -> list[str]:
+    """The config as train.py command-line overrides (of the model, only `model_keys`)."""
     out = []
-    for section in ("mesh", "data", "optimizer", "train"):
-        for key, value in config[section].items():
+    for section in ("mesh", "data", "optimizer", "train", "grpo"):
+        for key, value in config.get(section, {}).items():
             out.append(f"--config.{section}.{key}={value}")
-    out.append(f"--config.model.num_hidden_layers={config.model.num_hidden_layers}")
+    out += [f"--config.model.{key}={config.model[key]}" for key in model_keys]
     return out
 
 

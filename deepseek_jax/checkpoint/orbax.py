@@ -141,8 +141,12 @@ def save_params(
     manager.close()
 
 
-def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, dict]:
-    """(cfg, params) of a train.py run directory: its latest complete step unless `step`."""
+def load_params(
+    directory: str, step: int | None = None, shardings: dict | None = None
+) -> tuple[ModelConfig, dict]:
+    """(cfg, params) of a train.py run directory: its latest complete step unless `step`.
+    With `shardings` (a params tree of them) each process reads only its own devices' shards,
+    as a job of several processes must; without, the params land on the default device."""
     directory = os.fspath(directory)
     cfg = read_model_config(directory)
     manager = ocp.CheckpointManager(
@@ -154,6 +158,10 @@ def load_params(directory: str, step: int | None = None) -> tuple[ModelConfig, d
     if step is None:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint yet")
     target = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    if shardings is not None:
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings
+        )
     restored = manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
     )

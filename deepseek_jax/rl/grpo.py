@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -217,8 +218,21 @@ def read_prompts(data_cfg, tokenizer) -> tuple[list[list[int]], list[str]]:
     return ids, texts
 
 
+def on_host(x: jax.Array) -> np.ndarray:
+    """All of x on every process (its shards gathered across processes, if several)."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def on_mesh(mesh: Mesh, x: np.ndarray) -> jax.Array:
+    """A host array that every process holds whole -> one array split over the mesh's token
+    axes by its leading dimension, each process placing only its own devices' rows."""
+    spec = P(rules.batch_sharding(mesh).spec[0], *[None] * (x.ndim - 1))
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+
 def sample_answers(cfg, params, prompts, gc, eos, mesh, seed: int):
-    """G answers to each prompt: tokens [B, N] and the sampler's log-probs [B, N]."""
+    """G answers to each prompt: tokens [B, N] and the sampler's log-probs [B, N], on the host
+    of every process (rewards are Python functions of the decoded text)."""
     repeated = [p for p in prompts for _ in range(gc.group_size)]
     new, logp = generate(
         cfg,
@@ -231,7 +245,7 @@ def sample_answers(cfg, params, prompts, gc, eos, mesh, seed: int):
         return_logprobs=True,
         mesh=mesh,
     )
-    return np.asarray(new), np.asarray(logp)
+    return on_host(new), on_host(logp)
 
 
 def score(reward, texts: list[str], answers: list[str], group: int) -> np.ndarray:
@@ -273,14 +287,14 @@ def grpo_step(s: Setup, state: TrainState, indices: np.ndarray, seed: int):
 
     start = time.perf_counter()
     width = max(len(p) for p in s.prompts) + gc.max_new_tokens
-    tokens, starts = teacher_forced(prompts, new, width)
+    tokens, starts = (on_mesh(s.mesh, x) for x in teacher_forced(prompts, new, width))
     rollout = Rollout(
         tokens=tokens,
         starts=starts,
-        answer_mask=mask,
-        old_logp=logp,
+        answer_mask=on_mesh(s.mesh, mask),
+        old_logp=on_mesh(s.mesh, logp),
         ref_logp=s.reference_logp(s.reference, tokens, starts),
-        advantages=group_advantages(jnp.asarray(rewards)).reshape(-1),
+        advantages=on_mesh(s.mesh, np.asarray(group_advantages(rewards)).reshape(-1)),
     )
     for _ in range(gc.updates):
         state, metrics = s.update(state, rollout)
@@ -304,13 +318,13 @@ def initial_params(gc, cfg: ModelConfig, shardings) -> dict:
             "grpo.init_from is empty: give the run directory of an SFT (or pretraining) run, "
             "e.g. --config.grpo.init_from=runs/sft"
         )
-    saved_cfg, params = ckpt.load_params(gc.init_from, None if gc.init_step < 0 else gc.init_step)
-    if saved_cfg != cfg:
+    if ckpt.read_model_config(gc.init_from) != cfg:
         raise ValueError(
             f"{gc.init_from} holds a model unlike config.model: train GRPO with the model "
             "config of that run (its model_config.json)"
         )
-    return jax.device_put(params, shardings)
+    step = None if gc.init_step < 0 else gc.init_step
+    return ckpt.load_params(gc.init_from, step, shardings)[1]
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
