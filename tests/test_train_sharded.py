@@ -39,10 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, devices: int, log: str, *extra: str, file="configs/tiny.py", model_keys=None):
-    """train.py in a subprocess with `devices` fake CPU devices; stderr to `log`."""
+def launch(config, devices: int, log: str, *extra: str, file="configs/tiny.py", **flag_kw):
+    """train.py --config `file` in a subprocess with `devices` fake CPU devices, the rest of
+    `config` as flags (`flag_kw`: cli_flags' options); stderr to `log`."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    flags = cli_flags(config, model_keys or ("num_hidden_layers",))
+    flags = cli_flags(config, **flag_kw)
     with open(log, "w") as err:
         return subprocess.Popen(
             [sys.executable, "train.py", "--config", file, *flags, *extra],
