@@ -5,7 +5,7 @@ from deepseek_jax.config import ModelConfig, YarnConfig, preset
 from deepseek_jax.generate.loop import generate
 from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
 from deepseek_jax.parallel.mesh import make_mesh
-from deepseek_jax.parallel.rules import shard_params
+from deepseek_jax.parallel.placement import shard_params
 
 __all__ = [
     "DeepSeekV2",

@@ -37,7 +37,7 @@ from deepseek_jax.generate.sampling import check_settings, sample, sampled_logpr
 from deepseek_jax.model.layers import RMSNorm
 from deepseek_jax.model.rope import rope_cos_sin
 from deepseek_jax.model.transformer import Block, DeepSeekV2, attention_mask, init_cache
-from deepseek_jax.parallel import rules
+from deepseek_jax.parallel import placement, rules
 
 # stream(step, tokens_B): called on the host as each step's tokens leave the device.
 StreamFn = Callable[[int, np.ndarray], None]
@@ -275,14 +275,14 @@ def generate(
     eos from then on, and the loop ends early once every row is done (eos None: never stop).
     `stream(step, tokens_B)` runs on the host as the tokens of each step are made; it is part
     of the compiled program, so pass the same function each call to avoid a recompile.
-    `mesh`: run on that mesh with `params` where they lie (placed by `rules.param_shardings`).
+    `mesh`: run on that mesh with `params` where they lie (placed by `placement.param_shardings`).
     """
     check_settings(temperature, top_k, top_p)
     if eos is not None and not 0 <= eos < cfg.vocab_size:
         raise ValueError(f"eos={eos}: outside the vocabulary [0, {cfg.vocab_size})")
     tokens_BP, lengths_B = pad_prompts(cfg, prompts, max_new_tokens)
     if mesh is not None:  # a no-op for params already placed by the rules (a training state)
-        params = rules.shard_params(cfg, params, mesh)
+        params = placement.shard_params(cfg, params, mesh)
     out = generate_padded(
         params,
         jnp.asarray(tokens_BP),

@@ -7,8 +7,11 @@ A = N*K assignments.
     h' = h + sum_i FFN_shared_i(h) + sum_i g_i FFN_routed_i(h)          (20)
     g_i = s_i if s_i in TopK(s, K) else 0,   s = softmax(h . e_i)     (21-22)
 
-This file is the plain, single-device dispatch: dropless, every assignment computed. The
-expert-parallel all-to-all dispatch lives in `deepseek_jax/parallel/` and is tested against it.
+This file holds the router, the balance losses and the single-device dispatch: dropless,
+every assignment computed by the grouped matmul of `experts.py` (or, for a few tokens, by
+per-expert slots). `reference_experts` is the plain, readable dispatch (one gather and einsum
+over assignments) that tests hold both fast paths to. The expert-parallel all-to-all dispatch
+lives in `deepseek_jax/parallel/expert.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.layers import MLP, grouped_swiglu, weight
+from deepseek_jax.model.experts import routed_experts
+from deepseek_jax.model.layers import MLP, weight
 from deepseek_jax.parallel.expert import expert_parallel, never_drop_tokens
 
 # Up to this many tokens (decode), every expert gets a slot per token: see slotted_swiglu.
@@ -82,13 +86,25 @@ def balance_losses(cfg: ModelConfig, routing: Routing, batch: int) -> dict[str, 
     }
 
 
+def reference_experts(x_ND, routing: Routing, w_gate_EDI, w_up_EDI, w_down_EID):
+    """sum_k g_k * FFN_{e_k}(x), [N, D]: eq. (20)'s routed term read literally.
+
+    Gathers each assignment's expert weights ([N, K, D, I]): memory grows with N * K, so this
+    is the reference the tests hold the fast paths to, not a path the model runs.
+    """
+    e_NK = routing.experts
+    h = jax.nn.silu(jnp.einsum("ND,NKDI->NKI", x_ND, w_gate_EDI[e_NK]))
+    h = h * jnp.einsum("ND,NKDI->NKI", x_ND, w_up_EDI[e_NK])
+    y_NKD = jnp.einsum("NKI,NKID->NKD", h, w_down_EID[e_NK])
+    return jnp.einsum("NKD,NK->ND", y_NKD, routing.weights.astype(y_NKD.dtype))
+
+
 def slotted_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_down):
-    """The same sum as `layers.grouped_swiglu`, for few tokens (decode): N slots per expert.
+    """The same sum as `experts.routed_experts`, for few tokens (decode): N slots per expert.
 
     A token picks an expert at most once, so slot n of expert e can hold token n: dropless
     by construction, and the experts run as one batched matmul over the weights where they
-    lie. The tiled path instead gathers a weight copy per tile, which at decode (one tile
-    per expert hit, almost all padding) costs ~10x more on the CPU (measured, `small`).
+    lie: at decode sizes the grouped matmul's tiles would be almost all padding.
     """
     n, d = x_ND.shape
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -108,17 +124,39 @@ class MoEAux:
     device_loss: jnp.ndarray
     comm_loss: jnp.ndarray
     load: jnp.ndarray  # [E]
+    # Token dropping and fan-out (paper 2.2.2, 2.2.4), watched while training.
+    drop_rate: jnp.ndarray  # share of the K x N assignments not computed
+    never_drop_drop_rate: jnp.ndarray  # the same over never-drop tokens: must read 0
+    fanout_mean: jnp.ndarray  # devices a token's rows reached (routing groups on one device)
+    fanout_max: jnp.ndarray  # <= M under group_limited_greedy
+
+
+def dispatch_stats(kept_NK, protected_N, fanout_N) -> dict[str, jnp.ndarray]:
+    """Drop rates (overall and of never-drop tokens) and fan-out of one layer's dispatch."""
+    kept = kept_NK.astype(jnp.float32)
+    protected = protected_N.astype(jnp.float32)[:, None]
+    protected_slots = jnp.maximum(protected.sum() * kept.shape[1], 1.0)
+    fanout = fanout_N.astype(jnp.float32)
+    return {
+        "drop_rate": 1.0 - kept.mean(),
+        "never_drop_drop_rate": ((1.0 - kept) * protected).sum() / protected_slots,
+        "fanout_mean": fanout.mean(),
+        "fanout_max": fanout.max(),
+    }
 
 
 class MoE(nn.Module):
     """Shared experts + routed experts: x [B, T, D] -> (y [B, T, D], MoEAux).
 
     With a `mesh`, the routed experts go through the expert-parallel all-to-all dispatch
-    (`deepseek_jax.parallel.expert`), with token dropping when cfg.capacity_factor is set.
+    (`deepseek_jax.parallel.expert`); `train=True` (the train step's call) applies the
+    device budget cfg.capacity_factor there, so tokens may be dropped. Without `train`, or
+    without a mesh, nothing is dropped (paper 2.2.4: no dropping at evaluation).
     """
 
     cfg: ModelConfig
     mesh: Mesh | None = None
+    train: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jnp.ndarray) -> tuple[jnp.ndarray, MoEAux]:
@@ -138,21 +176,36 @@ class MoE(nn.Module):
         w_down = weight(self, "w_down", cfg, (e, i, d), ("expert", "expert_mlp", "embed"))
 
         x_ND = x_BTD.reshape(b * t, d)
+        never_drop = never_drop_tokens(cfg, b, t)
         if self.mesh is None:
             with jax.named_scope("router"):
                 routing = route(cfg, x_ND, centroids)
             if b * t <= SLOTTED_MAX_TOKENS:
                 routed = slotted_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
             else:
-                routed = grouped_swiglu(
+                routed = routed_experts(
                     x_ND, routing.experts, routing.weights, w_gate, w_up, w_down
                 )
-        else:
-            never_drop = never_drop_tokens(cfg, b, t)
-            routed, routing, _ = expert_parallel(
-                cfg, self.mesh, route, x_ND, never_drop, centroids, w_gate, w_up, w_down
+            group_NK = routing.experts // cfg.experts_per_group
+            reached_NG = (group_NK[:, :, None] == jnp.arange(cfg.n_group)).any(axis=1)
+            stats = dispatch_stats(
+                jnp.ones_like(routing.experts, bool), never_drop, reached_NG.sum(1)
             )
+        else:
+            routed, routing, dispatch = expert_parallel(
+                cfg,
+                self.mesh,
+                route,
+                x_ND,
+                never_drop,
+                centroids,
+                w_gate,
+                w_up,
+                w_down,
+                drop=self.train,
+            )
+            stats = dispatch_stats(dispatch.kept, never_drop, dispatch.sent.sum(axis=1))
         y = routed.reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared")(x_BTD)
-        return y, MoEAux(**balance_losses(cfg, routing, b))
+        return y, MoEAux(**balance_losses(cfg, routing, b), **stats)

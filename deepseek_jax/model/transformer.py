@@ -5,6 +5,9 @@ L layers, C + R latent-cache width.
 
     out = DeepSeekV2(cfg).apply({"params": params}, tokens_BT)
     out.logits [B, T, V]; out.aux: balance losses (summed over MoE layers) and load [L_moe, E]
+    out = DeepSeekV2(cfg, mesh=mesh).apply({"params": params}, tokens_BT, train=True)
+    the train step's call: on a mesh the MoE applies cfg.capacity_factor (token dropping,
+    paper 2.2.4); every other call is dropless. out.aux also reports drop rates and fan-out.
 
 Attention is causal within a sequence. `segment_ids` [B, T] (packed documents) confine it to
 one document; give `positions` that restart at each document. With `cache` (a dict of
@@ -41,6 +44,10 @@ class Aux:
     device_loss: jnp.ndarray  # alpha2 * L_DevBal
     comm_loss: jnp.ndarray  # alpha3 * L_CommBal
     load: jnp.ndarray  # [L_moe, E] share of assignments per expert
+    drop_rate: jnp.ndarray  # [L_moe] share of assignments dropped (train=True on a mesh)
+    never_drop_drop_rate: jnp.ndarray  # [L_moe] the same over never-drop tokens (must be 0)
+    fanout_mean: jnp.ndarray  # [L_moe] devices a token's rows reached, mean
+    fanout_max: jnp.ndarray  # [L_moe] ... and max (<= M)
 
     @property
     def total(self) -> jnp.ndarray:
@@ -60,6 +67,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     moe: bool
     mesh: Mesh | None = None
+    train: bool = False  # the train step's call: the MoE may drop tokens (paper 2.2.4)
 
     @nn.compact
     def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
@@ -72,14 +80,20 @@ class Block(nn.Module):
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
-                h, aux = MoE(cfg, self.mesh, name="mlp")(normed)
+                h, aux = MoE(cfg, self.mesh, self.train, name="mlp")(normed)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
         return x_BTD + h, (latents, aux)
 
 
 def stack(
-    cfg: ModelConfig, moe: bool, length: int, with_cache: bool, name: str, mesh: Mesh | None
+    cfg: ModelConfig,
+    moe: bool,
+    length: int,
+    with_cache: bool,
+    name: str,
+    mesh: Mesh | None,
+    train: bool = False,
 ) -> nn.Module:
     """`length` blocks with params stacked on a leading "layers" axis, rematerialised per policy."""
     block = Block
@@ -100,7 +114,7 @@ def stack(
         unroll=min(cfg.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, moe, mesh, name=name)
+    return scanned(cfg, moe, mesh, train, name=name)
 
 
 def attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jnp.ndarray:
@@ -125,7 +139,9 @@ class DeepSeekV2(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None) -> Output:
+    def __call__(
+        self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, train=False
+    ) -> Output:
         cfg = self.cfg
         b, t = tokens_BT.shape
         if positions_BT is None:
@@ -152,7 +168,7 @@ class DeepSeekV2(nn.Module):
         ):
             if length == 0:
                 continue
-            layers = stack(cfg, moe, length, cache is not None, f"{key}_layers", self.mesh)
+            layers = stack(cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train)
             x, (new_cache[key], aux) = layers(
                 x, cos, sin, mask, positions_BT, None if cache is None else cache[key]
             )
@@ -177,13 +193,18 @@ class DeepSeekV2(nn.Module):
 
 def summarize_aux(cfg: ModelConfig, per_layer: MoEAux | None) -> Aux:
     if per_layer is None:
-        zero = jnp.zeros((), jnp.float32)
-        return Aux(zero, zero, zero, jnp.zeros((0, cfg.n_routed_experts), jnp.float32))
+        zero, none = jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
+        load = jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+        return Aux(zero, zero, zero, load, none, none, none, none)
     return Aux(
         expert_loss=per_layer.expert_loss.sum(),
         device_loss=per_layer.device_loss.sum(),
         comm_loss=per_layer.comm_loss.sum(),
         load=per_layer.load,
+        drop_rate=per_layer.drop_rate,
+        never_drop_drop_rate=per_layer.never_drop_drop_rate,
+        fanout_mean=per_layer.fanout_mean,
+        fanout_max=per_layer.fanout_max,
     )
 
 

@@ -3,22 +3,31 @@
 
 Legend: N tokens, n = N / (devices splitting tokens) tokens on one device, D model width,
 I expert width (I/tp on one device), E routed experts, P devices on "expert", L = E / P experts
-on one device, K experts per token, C rows one device sends to one destination (capacity),
-R = P * C rows a device receives.
+on one device, K experts per token, M devices a token may reach, C rows one device sends to
+one destination, R = P * C rows a device receives, Q = R * K expert slots it receives,
+B its budget of expert assignments.
 
 Per device:
   1. route its own n tokens (`route_fn`, the model's router);
   2. a token with any expert on device p becomes ONE row for p (x once, plus its K slots of
-     local expert id and gate): with device-limited routing a token is sent to <= M devices,
-     which is what the paper's group_limited_greedy buys (2.2.2);
-  3. rows are packed per destination under the capacity C; over it, the rows with the lowest
-     affinity are dropped, never those of never-drop sequences (2.2.4);
-  4. all_to_all; the L local experts run as a tiled grouped matmul; psum over "tensor"
-     (expert width split); all_to_all back; each token sums its rows.
+     local expert id, gate and priority): with device-limited routing a token is sent to at
+     most M devices, which is what the paper's group_limited_greedy buys (2.2.2);
+  3. rows are packed per destination, C of them: C is sized from the device-limited
+     expectation, SEND_SLACK x cf x M x n / P, not the worst case n; a pair that overflows
+     sends its highest-affinity rows (never-drop rows first);
+  4. all_to_all; the receiving device keeps its budget B = cf x K x n of the slots it got,
+     the highest-affinity ones across everything it received, never-drop ones first
+     (paper 2.2.4: cf times the device's average share of the K x N assignments);
+  5. the kept slots, sorted by local expert, run as one grouped matmul sized by B (not by
+     R x K); psum over the expert-width axis; all_to_all back (y and which slots were kept);
+     each token sums its rows.
+
+Dropless (`drop=False`: evaluation, generation, and cf None) keeps every slot: C = n and the
+grouped matmul is sized for all Q slots, exact whatever the router does.
 
 Routing groups are the devices of "expert": group g lives on device g // (G / P), so n_group
 must be a multiple of P. The plain single-device path is `model/moe.py`; tests hold this one
-to it.
+to it. Every PartitionSpec and collective axis comes from the rules table (`rules.py`).
 """
 
 from __future__ import annotations
@@ -34,29 +43,47 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model.layers import grouped_swiglu
-from deepseek_jax.parallel.rules import token_axes
+from deepseek_jax.errors import UserError
+from deepseek_jax.model.experts import grouped_swiglu, tile_rows
+from deepseek_jax.parallel import rules
+
+# Rows a sender may ship to one destination, over the device-limited average cf * M * n / P.
+# Per-pair loads scatter around the average; 1.2 keeps dispatch + combine traffic within 1.3x
+# of 2 cf M D bytes per token (issue 12 goal) while rarely overflowing a pair.
+SEND_SLACK = 1.2
 
 
 @struct.dataclass
 class Dispatch:
-    """Where each token's rows went. Row (t, p): token t has an expert on device p."""
+    """What happened to each token's rows and slots. Row (t, p): token t has an expert on p."""
 
     wanted: jnp.ndarray  # [N, P] bool, token t chose an expert on device p
-    sent: jnp.ndarray  # [N, P] bool, ... and its row was not dropped
-    affinity: jnp.ndarray  # [N, P] float32, sum of t's chosen scores s on device p (drop order)
+    sent: jnp.ndarray  # [N, P] bool, ... and its row fit in the pair's C
+    affinity: jnp.ndarray  # [N, P] float32, sum of t's chosen scores s on device p
+    kept: jnp.ndarray  # [N, K] bool, slot k of token t was computed (within its device's B)
+
+
+def expert_axis() -> str:
+    """The one mesh axis the "expert" rule splits experts over (the all_to_all's axis)."""
+    axes = rules.TABLE["expert"]
+    if len(axes) != 1:
+        raise UserError(
+            f"the 'expert' rule maps to {axes}: expert parallelism needs exactly one mesh axis "
+            f"there (edit RULES in deepseek_jax/parallel/rules.py)"
+        )
+    return axes[0]
 
 
 def expert_devices(cfg: ModelConfig, mesh: Mesh) -> int:
-    """P, the size of the "expert" axis, after checking the experts and groups divide over it."""
-    p = mesh.shape["expert"]
+    """P, the size of the expert mesh axis, after checking the experts and groups divide."""
+    p = mesh.shape[expert_axis()]
     if cfg.n_routed_experts % p:
-        raise ValueError(
+        raise UserError(
             f"n_routed_experts={cfg.n_routed_experts} does not split over the expert mesh axis "
             f"of size {p}: choose an expert axis size that divides it"
         )
     if cfg.topk_method == "group_limited_greedy" and cfg.n_group % p:
-        raise ValueError(
+        raise UserError(
             f"n_group={cfg.n_group} routing groups cannot map onto {p} devices of the expert "
             f"mesh axis: n_group must be a multiple of the expert axis size (paper 2.2.2); set "
             f"the expert axis to a divisor of {cfg.n_group}"
@@ -71,48 +98,70 @@ def devices_per_token(cfg: ModelConfig, p: int) -> int:
     return min(cfg.num_experts_per_tok, p)
 
 
-def capacity(cfg: ModelConfig, n: int, p: int, never_drop: int) -> int:
-    """C, the rows one device may send to one destination.
+@struct.dataclass(frozen=True)
+class Sizes:
+    """The static sizes of one call's dispatch (all per device)."""
 
-    Dropless: n (every token could pick that device). Otherwise capacity_factor times the
-    average, n * devices_per_token / P, plus room for the `never_drop` tokens so that their
-    guarantee holds whatever the router does.
+    n: int  # tokens
+    c: int  # rows sent to each destination
+    budget: int  # expert assignments computed (B); R * K when dropless
+
+
+def sizes(cfg: ModelConfig, p: int, n: int, protected: int, drop: bool) -> Sizes:
+    """C and B for n tokens a device, `protected` of them never-drop on the worst device.
+
+    Dropless: C = n (every token could pick one destination) and B = every slot received.
+    Dropping: C = SEND_SLACK x cf x M x n / P, raised to `protected` so that a pair always
+    fits its never-drop rows; B = cf x K x n, which includes the never-drop slots (ranked
+    first) and does not grow for them: they are about no_drop_fraction of B on average, and
+    are lost only if one device receives more of them than its whole budget.
     """
-    if cfg.capacity_factor is None:
-        return n
-    average = n * devices_per_token(cfg, p) / p
-    return min(n, math.ceil(cfg.capacity_factor * average) + never_drop)
+    k = cfg.num_experts_per_tok
+    slots = p * n * k
+    if not drop:
+        return Sizes(n=n, c=n, budget=slots)
+    cf = cfg.capacity_factor
+    c = min(n, max(math.ceil(SEND_SLACK * cf * devices_per_token(cfg, p) * n / p), protected))
+    return Sizes(n=n, c=c, budget=min(math.ceil(cf * k * n), p * c * k))
 
 
 def never_drop_tokens(cfg: ModelConfig, batch: int, length: int) -> np.ndarray:
-    """[B * T] bool: the tokens of the sequences whose tokens are never dropped (paper 2.2.4).
+    """[B * T] bool: the tokens never dropped, about no_drop_fraction of the batch (2.2.4).
 
-    floor(B * no_drop_fraction) sequences, spread evenly over the batch so that every device
-    holds its share.
+    round(fraction x B x T) tokens in whole sequences spread evenly over the batch (so that
+    every device holds its share), the last one cut short: a batch of fewer than 1 / fraction
+    sequences still protects its share, as part of one sequence.
     """
-    i = np.arange(batch)
-    frac = cfg.no_drop_fraction
-    chosen = np.floor((i + 1) * frac + 1e-9) > np.floor(i * frac + 1e-9)
-    return np.repeat(chosen, length)
+    protected = round(cfg.no_drop_fraction * batch * length)
+    sequences = -(-protected // length)
+    chosen = np.zeros((batch, length), bool)
+    for j in range(sequences):
+        row = j * batch // sequences
+        chosen[row, : min(length, protected - j * length)] = True
+    return chosen.reshape(-1)
 
 
-def exchange(cfg: ModelConfig, c: int, x_nD, never_drop_n, routing, w_gate, w_up, w_down):
-    """One device's part, inside shard_map: pack, all_to_all, local experts, back, combine.
+def exchange(cfg: ModelConfig, size: Sizes, x_nD, protected_n, routing, w_gate, w_up, w_down):
+    """One device's part, inside shard_map: pack, all_to_all, budget, experts, back, combine.
 
-    Returns y [n, D] (the routed experts' sum for this device's tokens) and its Dispatch rows.
+    Returns y [n, D] (the routed experts' sum for this device's tokens) and its Dispatch.
     """
+    axis = expert_axis()
     n, d = x_nD.shape
+    k = routing.experts.shape[1]
     l = w_gate.shape[0]
     p = cfg.n_routed_experts // l
+    c = size.c
     device_nK = routing.experts // l
     to_nKP = device_nK[:, :, None] == jnp.arange(p)
     wanted_nP = to_nKP.any(axis=1)
-    chosen_nK = jnp.take_along_axis(routing.scores, routing.experts, axis=1)
-    affinity_nP = jnp.einsum("nK,nKP->nP", chosen_nK, to_nKP.astype(chosen_nK.dtype))
+    score_nK = jnp.take_along_axis(routing.scores, routing.experts, axis=1)
+    affinity_nP = jnp.einsum("nK,nKP->nP", score_nK, to_nKP.astype(score_nK.dtype))
+    # Softmax scores sum to at most 1, so +2 ranks every never-drop row and slot above the rest.
+    boost_n = 2.0 * protected_n.astype(score_nK.dtype)
 
     with jax.named_scope("dispatch"):
-        # Softmax scores sum to at most 1, so +2 ranks every never-drop row above the rest.
-        priority_nP = jnp.where(wanted_nP, affinity_nP + 2.0 * never_drop_n[:, None], -1.0)
+        priority_nP = jnp.where(wanted_nP, affinity_nP + boost_n[:, None], -1.0)
         order_Pn = jnp.argsort(-priority_nP.T, axis=1, stable=True)
         token_PC = order_Pn[:, :c]
         rank_Pn = (
@@ -121,28 +170,73 @@ def exchange(cfg: ModelConfig, c: int, x_nD, never_drop_n, routing, w_gate, w_up
             .set(jnp.arange(n, dtype=jnp.int32))
         )
         sent_nP = wanted_nP & (rank_Pn.T < c)
-
         valid_PC = jnp.take_along_axis(wanted_nP.T, token_PC, axis=1)
         mine_PCK = (device_nK[token_PC] == jnp.arange(p)[:, None, None]) & valid_PC[..., None]
         x_PCD = jnp.where(valid_PC[..., None], x_nD[token_PC], 0)
-        expert_PCK = jnp.where(mine_PCK, routing.experts[token_PC] % l, l)
-        gate_PCK = jnp.where(mine_PCK, routing.weights[token_PC], 0.0)
+        # Slot metadata, one float32 array so that it travels in one collective: local expert
+        # id (L marks an empty slot; exact in float32), gate g, priority (-1 when empty).
+        meta_PC3K = jnp.concatenate(
+            [
+                jnp.where(mine_PCK, routing.experts[token_PC] % l, l).astype(jnp.float32),
+                jnp.where(mine_PCK, routing.weights[token_PC], 0.0),
+                jnp.where(mine_PCK, (score_nK + boost_n[:, None])[token_PC], -1.0),
+            ],
+            axis=-1,
+        )
 
         def send(v):  # [P, C, ...] -> [P * C, ...]: block p goes to / comes from device p
             v = v.reshape(p * c, *v.shape[2:])
-            return jax.lax.all_to_all(v, "expert", 0, 0, tiled=True)
+            return jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
 
-        x_RD, expert_RK, gate_RK = send(x_PCD), send(expert_PCK), send(gate_PCK)
+        x_RD, meta_R3K = send(x_PCD), send(meta_PC3K)
+
+    with jax.named_scope("budget"):
+        expert_Q = meta_R3K[:, :k].astype(jnp.int32).reshape(-1)
+        gate_Q = meta_R3K[:, k : 2 * k].reshape(-1)
+        priority_Q = meta_R3K[:, 2 * k :].reshape(-1)
+        q = expert_Q.shape[0]
+        if size.budget < q:
+            # Paper 2.2.4: over budget, the lowest-affinity assignments of everything this
+            # device received are dropped; never-drop ones (priority >= 2) rank first.
+            _, slot_B = jax.lax.top_k(priority_Q, size.budget)
+        else:
+            slot_B = jnp.arange(q)
+        live_B = priority_Q[slot_B] >= 0
+        expert_B = jnp.where(live_B, expert_Q[slot_B], l)
+        order_B = jnp.argsort(expert_B, stable=True)  # empty slots last, outside every group
+        slot_B, live_B = slot_B[order_B], live_B[order_B]
+        row_B = slot_B // k
+        kept_RK = jnp.zeros(q, jnp.int8).at[slot_B].set(live_B.astype(jnp.int8)).reshape(-1, k)
 
     with jax.named_scope("experts"):
-        y_RD = grouped_swiglu(x_RD, expert_RK, gate_RK, w_gate, w_up, w_down)
-        y_RD = jax.lax.psum(y_RD, "tensor")  # each tensor rank held I / tp of every expert
+        group_sizes = jnp.bincount(expert_B, length=l)  # id L (empty) is not counted
+        tile = tile_rows(size.budget, l)
+        y_BD = grouped_swiglu(x_RD[row_B], group_sizes, w_gate, w_up, w_down, tile)
+        gate_B = jnp.where(live_B, gate_Q[slot_B], 0.0).astype(y_BD.dtype)
+        y_RD = jnp.zeros_like(x_RD).at[row_B].add(y_BD * gate_B[:, None])
+        # Each rank of the expert-width axes held I / tp of every expert.
+        y_RD = jax.lax.psum(y_RD, rules.TABLE["expert_mlp"])
 
     with jax.named_scope("combine"):
-        y_RD = jax.lax.all_to_all(y_RD, "expert", 0, 0, tiled=True)
+        y_RD = jax.lax.all_to_all(y_RD, axis, 0, 0, tiled=True)
+        kept_RK = jax.lax.all_to_all(kept_RK, axis, 0, 0, tiled=True)
         # Filler rows (beyond a destination's wanted ones) carry no slots, so they add zeros.
-        y_nD = jnp.zeros((n, d), y_RD.dtype).at[token_PC.reshape(-1)].add(y_RD)
-    return y_nD, Dispatch(wanted_nP, sent_nP, affinity_nP)
+        token_R = token_PC.reshape(-1)
+        y_nD = jnp.zeros((n, d), y_RD.dtype).at[token_R].add(y_RD)
+        kept_nK = jnp.zeros((n, k), jnp.int32).at[token_R].add(kept_RK.astype(jnp.int32)) > 0
+    return y_nD, Dispatch(wanted_nP, sent_nP, affinity_nP, kept_nK)
+
+
+def dispatch_specs() -> tuple[P, P, P]:
+    """(tokens [N, ...], w_gate/w_up [E, D, I], w_down [E, I, D]) inside shard_map.
+
+    From the rules table: tokens split by the "batch" rule; experts split by "expert" and
+    their width by "expert_mlp", gathered on D (the shard_map's input is the whole row).
+    """
+    rows = rules.spec(("batch",))
+    experts_in = rules.spec(("expert", None, "expert_mlp"))
+    experts_out = rules.spec(("expert", "expert_mlp", None))
+    return rows, experts_in, experts_out
 
 
 def expert_parallel(
@@ -150,38 +244,38 @@ def expert_parallel(
     mesh: Mesh,
     route_fn: Callable,
     x_ND: jnp.ndarray,
-    never_drop_N: jnp.ndarray,
+    never_drop_N: np.ndarray,
     centroids_DE: jnp.ndarray,
     w_gate_EDI: jnp.ndarray,
     w_up_EDI: jnp.ndarray,
     w_down_EID: jnp.ndarray,
+    drop: bool = False,
 ):
     """The routed experts of N tokens on `mesh`: (y [N, D], Routing of [N, ...], Dispatch).
 
     `route_fn(cfg, x_nD, centroids)` is the model's router (returns a Routing); tokens are
-    split over the "batch" rule's mesh axes and routed where they lie.
+    split over the "batch" rule's mesh axes and routed where they lie. `drop` applies the
+    device budget (cfg.capacity_factor); the model passes it only when training.
     """
     p = expert_devices(cfg, mesh)
-    tokens = token_axes()
-    splits = math.prod(mesh.shape[a] for a in tokens)
-    n_all, d = x_ND.shape
+    splits = rules.token_devices(mesh)
+    n_all = x_ND.shape[0]
     if n_all % splits:
-        raise ValueError(
-            f"{n_all} tokens (batch x length) do not split over the mesh axes {tokens} "
-            f"({splits} devices): make batch x length a multiple of {splits}"
+        raise UserError(
+            f"{n_all} tokens (batch x length) do not split over the mesh axes "
+            f"{rules.token_axes()} ({splits} devices): make batch x length a multiple of {splits}"
         )
     n = n_all // splits
-    protected = np.asarray(never_drop_N).reshape(splits, n).sum(axis=1).max()
-    c = capacity(cfg, n, p, int(protected))
+    protected = int(np.asarray(never_drop_N).reshape(splits, n).sum(axis=1).max())
+    size = sizes(cfg, p, n, protected, drop and cfg.capacity_factor is not None)
 
-    def body(x_nD, never_drop_n, centroids, w_gate, w_up, w_down):
+    def body(x_nD, protected_n, centroids, w_gate, w_up, w_down):
         with jax.named_scope("router"):
             routing = route_fn(cfg, x_nD, centroids)
-        y, dispatch = exchange(cfg, c, x_nD, never_drop_n, routing, w_gate, w_up, w_down)
+        y, dispatch = exchange(cfg, size, x_nD, protected_n, routing, w_gate, w_up, w_down)
         return y, routing, dispatch
 
-    rows = P(tokens)
-    experts_in, experts_out = P("expert", None, "tensor"), P("expert", "tensor", None)
+    rows, experts_in, experts_out = dispatch_specs()
     return jax.shard_map(
         body,
         mesh=mesh,

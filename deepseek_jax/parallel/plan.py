@@ -1,21 +1,23 @@
-"""Per-device memory and all-to-all traffic of a config on a mesh, without allocating it.
+"""Per-device memory, all-to-all traffic and expert FLOPs of a config on a mesh, without
+allocating it.
 
     python -m deepseek_jax.parallel.plan --preset v2 --mesh data=4,expert=8 \
         --param-dtype bfloat16 --dtype bfloat16
 
 Params, AdamW's two fp32 moments and the latent cache come from `jax.eval_shape` and the
-rules table's shardings; all-to-all bytes per token come from the lowered HLO of one MoE
-layer's expert-parallel dispatch (pack, all_to_all, experts, all_to_all back), with
-device-limited routing (the config's M of G groups) against unrestricted (greedy) routing.
-Fake CPU devices stand in for the mesh, so this runs on a laptop. A command-line tool over
-the model and the rules, so it imports the model (the model never imports it).
+rules table's shardings. One MoE layer's routed experts are costed twice: predicted from
+shapes alone (`predicted_layer_cost`: the dispatch's C and B from `expert.sizes`) and read
+from the program XLA compiles for it (`compiled_layer_cost`: all-to-all operand bytes and
+the expert dots' FLOPs, loop bodies times their trip counts, `hlo.py`); the tests hold the
+two within 10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a
+GPU/TPU host, where it asks for the CPU platform). A command-line tool over the model and
+the rules, so it imports the model (the model never imports it).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -24,15 +26,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import PRESETS, ModelConfig, preset
+from deepseek_jax.errors import report_errors
+from deepseek_jax.model.experts import tile_rows
 from deepseek_jax.model.moe import route
 from deepseek_jax.model.transformer import init_cache, init_params
-from deepseek_jax.parallel import expert, rules
+from deepseek_jax.parallel import expert, hlo, placement, rules
 from deepseek_jax.parallel.mesh import make_mesh, parse_mesh
 
 GiB = 2**30
-# The operand type of each all_to_all: `... : (tensor<128x256xf32>) -> ...`
-A2A = re.compile(r"stablehlo\.all_to_all.*?: \(tensor<((?:\d+x)*)([a-z]+\d+)>\)")
-MLIR_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i64": 8, "i1": 1}
 
 
 def per_device_bytes(shapes, shardings) -> int:
@@ -50,27 +51,49 @@ def memory(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, int]:
     fp32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
     state = jax.eval_shape(optax.adamw(1e-3).init, fp32)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, length))
+    shardings = placement.param_shardings(cfg, mesh)
     return {
-        "params": per_device_bytes(params, rules.param_shardings(cfg, mesh)),
+        f"params ({cfg.param_dtype})": per_device_bytes(params, shardings),
+        f"gradients ({cfg.param_dtype})": per_device_bytes(params, shardings),
         "adamw moments (fp32)": per_device_bytes(
-            state, rules.opt_state_shardings(cfg, mesh, state)
+            state, placement.opt_state_shardings(cfg, mesh, state)
         ),
         f"latent cache (B {batch}, S {length}, {cfg.dtype})": per_device_bytes(
-            cache, rules.cache_shardings(mesh, cache)
+            cache, placement.cache_shardings(mesh, cache)
         ),
     }
 
 
-def all_to_all_bytes(hlo: str) -> int:
-    """Bytes one device puts through all_to_all ops in a lowered (StableHLO) module."""
-    total = 0
-    for dims, dtype in A2A.findall(hlo):
-        total += math.prod(int(n) for n in dims.split("x") if n) * MLIR_BYTES[dtype]
-    return total
+def layer_sizes(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> expert.Sizes:
+    """The dispatch's static sizes for one MoE layer of a [batch, length] call."""
+    p = expert.expert_devices(cfg, mesh)
+    never_drop = expert.never_drop_tokens(cfg, batch, length)
+    n = batch * length // rules.token_devices(mesh)
+    protected = int(never_drop.reshape(-1, n).sum(axis=1).max())
+    return expert.sizes(cfg, p, n, protected, drop and cfg.capacity_factor is not None)
 
 
-def dispatch_hlo(cfg: ModelConfig, mesh, batch: int, length: int) -> str:
-    """The lowered module of one MoE layer's routed experts, on abstract sharded inputs."""
+def predicted_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
+    """Per token on one device, from shapes: all-to-all bytes (token rows, and all told with
+    the slot metadata) and routed-expert FLOPs at the grouped matmul's compiled bound."""
+    size = layer_sizes(cfg, mesh, batch, length, drop)
+    p = expert.expert_devices(cfg, mesh)
+    d, k, l = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts // p
+    width = cfg.moe_intermediate_size // math.prod(mesh.shape[a] for a in rules.TABLE["expert_mlp"])
+    rows = p * size.c
+    activations = 2 * rows * d * jnp.dtype(cfg.dtype).itemsize  # dispatch + combine
+    metadata = rows * k * (3 * 4 + 1)  # (expert, gate, priority) f32 out, kept int8 back
+    tile = tile_rows(size.budget, l)
+    tiles = -(-size.budget // tile) + l
+    return {
+        "activation bytes": activations / size.n,
+        "all-to-all bytes": (activations + metadata) / size.n,
+        "expert flops": 6 * d * width * tiles * tile / size.n,
+    }
+
+
+def layer_hlo(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> str:
+    """The compiled program of one MoE layer's routed experts, on abstract sharded inputs."""
     d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     never_drop = expert.never_drop_tokens(cfg, batch, length)
     dtype = jnp.dtype(cfg.dtype)
@@ -80,7 +103,7 @@ def dispatch_hlo(cfg: ModelConfig, mesh, batch: int, length: int) -> str:
 
     def routed(x, centroids, w_gate, w_up, w_down):
         return expert.expert_parallel(
-            cfg, mesh, route, x, never_drop, centroids, w_gate, w_up, w_down
+            cfg, mesh, route, x, never_drop, centroids, w_gate, w_up, w_down, drop=drop
         )[0]
 
     args = (
@@ -90,23 +113,21 @@ def dispatch_hlo(cfg: ModelConfig, mesh, batch: int, length: int) -> str:
         abstract((e, d, i), ("expert", "embed", "expert_mlp")),
         abstract((e, i, d), ("expert", "expert_mlp", "embed")),
     )
-    return jax.jit(routed).lower(*args).as_text()
+    return jax.jit(routed).lower(*args).compile().as_text()
 
 
-def traffic(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, float]:
-    """All-to-all bytes per token that leave a device: device-limited vs unrestricted."""
-    p = expert.expert_devices(cfg, mesh)
-    tokens = batch * length / math.prod(mesh.shape[a] for a in rules.token_axes())
-    out = {}
-    for label, method in (
-        (f"device-limited (M={cfg.topk_group} of {cfg.n_group} groups)", "group_limited_greedy"),
-        (f"unrestricted (greedy top-{cfg.num_experts_per_tok})", "greedy"),
-    ):
-        hlo = dispatch_hlo(cfg.replace(topk_method=method), mesh, batch, length)
-        out[label] = all_to_all_bytes(hlo) * (p - 1) / p / tokens
-    return out
+def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
+    """Per token on one device, read from the compiled program (same keys as predicted)."""
+    text = layer_hlo(cfg, mesh, batch, length, drop)
+    n = batch * length / rules.token_devices(mesh)
+    return {
+        "activation bytes": hlo.all_to_all_bytes(text, last_dim=cfg.hidden_size) / n,
+        "all-to-all bytes": hlo.all_to_all_bytes(text) / n,
+        "expert flops": hlo.dot_flops(text, scope="experts") / n,
+    }
 
 
+@report_errors("plan")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
@@ -122,10 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="0 for dropless")
     parser.add_argument("--dtype", default=None, help="compute and cache dtype")
     parser.add_argument("--param-dtype", default=None)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also compile one MoE layer on fake devices and read its costs (minutes at V2)",
+    )
     args = parser.parse_args(argv)
 
     sizes = parse_mesh(args.mesh)
-    # Fake CPU devices for the mesh; must precede the first use of a jax backend.
+    # Fake CPU devices for the mesh, even on a GPU/TPU host; must precede the first use of a
+    # jax backend.
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
     mesh = make_mesh(**sizes)
     cfg = preset(args.preset).replace(
@@ -133,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype or preset(args.preset).dtype,
         param_dtype=args.param_dtype or preset(args.preset).param_dtype,
     )
-    batch = args.batch or 10 * math.prod(mesh.shape[a] for a in rules.token_axes())
+    batch = args.batch or 10 * rules.token_devices(mesh)
 
     print(
         f"{args.preset} on mesh {dict(mesh.shape)}: params {cfg.param_dtype}, compute "
@@ -142,12 +170,25 @@ def main(argv: list[str] | None = None) -> None:
     print("per-device memory")
     for name, size in memory(cfg, mesh, batch, args.seq_len).items():
         print(f"  {name:44s} {size / GiB:10.2f} GiB")
-    print("all-to-all bytes per token leaving a device (dispatch + combine, one MoE layer)")
-    for name, size in traffic(cfg, mesh, batch, args.seq_len).items():
-        print(
-            f"  {name:44s} {size:10,.0f} B   x {cfg.num_moe_layers} layers = "
-            f"{size * cfg.num_moe_layers / 2**20:8.2f} MiB"
-        )
+    ideal = {
+        "activation bytes": 2
+        * expert.devices_per_token(cfg, mesh.shape["expert"])
+        * cfg.hidden_size
+        * jnp.dtype(cfg.dtype).itemsize,
+        "expert flops": 6 * cfg.num_experts_per_tok * cfg.hidden_size * cfg.moe_intermediate_size,
+    }
+    print(
+        "one MoE layer's routed experts, per token on one device "
+        "(x cf = 2 cf M D bytes, 6 cf K D I FLOPs)"
+    )
+    rows = [("train step (capacity)", True), ("dropless (eval, generation)", False)]
+    for label, drop in rows:
+        predicted = predicted_layer_cost(cfg, mesh, batch, args.seq_len, drop)
+        compiled = compiled_layer_cost(cfg, mesh, batch, args.seq_len, drop) if args.compile else {}
+        for key, value in predicted.items():
+            got = f"   compiled {compiled[key]:14,.0f}" if key in compiled else ""
+            base = ideal.get(key) or ideal["activation bytes"]
+            print(f"  {label:28s} {key:18s} planned {value:14,.0f} ({value / base:5.2f} x){got}")
 
 
 if __name__ == "__main__":

@@ -7,18 +7,20 @@ put one mesh axis on two of its dimensions is refused: that layout is never what
 
 Parameter logical names come from the model's `nn.with_logical_partitioning` annotations;
 activation and cache names are used only here and by callers of the helpers below.
+
+A leaf: it imports nothing from the package, so the model may ask it for activation and
+expert-dispatch specs. Placing whole trees (params, optimizer moments, the cache), which needs
+the model's tree, is `placement.py`'s job.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from deepseek_jax.config import ModelConfig
 
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Parameters
@@ -75,93 +77,16 @@ def token_axes() -> tuple[str, ...]:
     return TABLE["batch"]
 
 
-def param_specs(cfg: ModelConfig) -> dict:
-    """The params tree with each leaf replaced by its PartitionSpec over mesh axes."""
-    # Imported here: the model imports parallel.expert, so parallel cannot import the model
-    # at module level.
-    from deepseek_jax.model.transformer import logical_axes  # noqa: PLC0415
-
-    return jax.tree.map(spec, logical_axes(cfg), is_leaf=lambda x: isinstance(x, P))
+def token_devices(mesh: Mesh) -> int:
+    """How many ways the tokens split: the product of the token axes' sizes on `mesh`."""
+    return math.prod(mesh.shape[axis] for axis in token_axes())
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-    """A tree of NamedSharding matching the params tree."""
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s), param_specs(cfg), is_leaf=lambda x: isinstance(x, P)
-    )
-
-
-def shard_params(cfg: ModelConfig, params: dict, mesh: Mesh) -> dict:
-    """Places a params tree on `mesh` by the rules table."""
-    return jax.device_put(params, param_shardings(cfg, mesh))
-
-
-def zero1_spec(shape: Sequence[int], param_spec: P, axis_sizes: Mapping[str, int]) -> P:
-    """The PartitionSpec of one optimizer moment: its parameter's, plus ZeRO-1.
-
-    The gradient is the same on every device of a token axis (the "batch" rule) that does not
-    split its parameter, so the moments, touched only elementwise in the update, need not be
-    stored there more than once: each such axis is added to the dimension with the most
-    elements per shard that it divides. DeepSeek-V2 trains with ZeRO-1 data parallelism (paper
-    3.2.2); for V2 on (data 2, fsdp 4, expert 8) it takes AdamW's moments from 94 to 27 GiB a
-    device (`python -m deepseek_jax.parallel.plan`).
-    """
-    dims = [_axes(entry) for entry in param_spec] + [()] * (len(shape) - len(param_spec))
-    used = {axis for entry in dims for axis in entry}
-    for axis in token_axes():
-        size = axis_sizes[axis]
-        if size == 1 or axis in used:
-            continue
-        per_shard = [
-            n // math.prod(axis_sizes[a] for a in d) for n, d in zip(shape, dims, strict=True)
-        ]
-        fits = [i for i, n in enumerate(per_shard) if n % size == 0]
-        if fits:
-            i = max(fits, key=lambda i: per_shard[i])
-            dims[i] += (axis,)
-    return P(*(d[0] if len(d) == 1 else (d or None) for d in dims))
-
-
-def _axes(entry) -> tuple[str, ...]:
-    """One PartitionSpec entry (None, "fsdp" or ("fsdp", "data")) as a tuple of mesh axes."""
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def opt_state_shardings(cfg: ModelConfig, mesh: Mesh, opt_state):
-    """Shardings for an optax state (arrays or ShapeDtypeStructs).
-
-    optax states hold copies of the params tree (AdamW's mu and nu): each such subtree is
-    placed like the params, then split further over the token axes by `zero1_spec`;
-    everything else (step counts, scalars) is replicated.
-    """
-    specs = param_specs(cfg)
-    params_def = jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P))
-
-    def mirrors_params(node) -> bool:
-        return isinstance(node, dict) and jax.tree.structure(node) == params_def
-
-    def moments(tree):
-        return jax.tree.map(
-            lambda x, s: NamedSharding(mesh, zero1_spec(x.shape, s, mesh.shape)),
-            tree,
-            specs,
-            is_leaf=lambda x: isinstance(x, P),
-        )
-
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(
-        lambda node: moments(node) if mirrors_params(node) else replicated,
-        opt_state,
-        is_leaf=mirrors_params,
-    )
-
-
-def cache_shardings(mesh: Mesh, cache: dict) -> dict:
-    """The latent cache {"dense"|"moe": [L, B, S, C+R]}: split on the batch."""
-    sharding = NamedSharding(mesh, spec(("layers", "batch", "cache_length", "latent")))
-    return jax.tree.map(lambda _: sharding, cache)
+def constrain(x: jax.Array, mesh: Mesh | None, logical: Sequence[str | None]) -> jax.Array:
+    """x laid out as the rules place `logical` on `mesh` (nothing without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_sharding(mesh, logical))
 
 
 def activation_sharding(mesh: Mesh, logical: Sequence[str | None]) -> NamedSharding:

@@ -122,7 +122,13 @@ def teacher_forced(
 
 
 def answer_logprobs(
-    cfg: ModelConfig, params, tokens_BL, starts_B, n: int, mesh: Mesh | None = None
+    cfg: ModelConfig,
+    params,
+    tokens_BL,
+    starts_B,
+    n: int,
+    mesh: Mesh | None = None,
+    train: bool = False,
 ):
     """log pi(answer token j | prompt, answer[:j]) [B, N] by one teacher-forced forward, and
     the forward's output (for its balance losses)."""
@@ -131,6 +137,7 @@ def answer_logprobs(
         params,
         {"inputs": tokens_BL, "positions": None, "segment_ids": None},
         mesh,
+        train=train,  # only the policy update drops; old and reference passes are dropless
     )
     logp_BL = token_logprobs(out.logits[:, :-1], tokens_BL[:, 1:])  # [B, L - 1]
     index_BN = starts_B[:, None] - 1 + jnp.arange(n)
@@ -162,7 +169,7 @@ def make_update_step(
     def step(state: TrainState, r: Rollout):
         def loss_fn(params):
             logp, out = answer_logprobs(
-                cfg, params, r.tokens, r.starts, r.answer_mask.shape[1], mesh
+                cfg, params, r.tokens, r.starts, r.answer_mask.shape[1], mesh, train=True
             )
             stats = grpo_loss(
                 logp, r.old_logp, r.ref_logp, r.advantages, r.answer_mask, clip_eps, kl_coef

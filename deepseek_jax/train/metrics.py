@@ -31,6 +31,9 @@ class MetricsLog:
                     self.writer.add_scalar(f"load_max/layer{layer}", share.max() * len(share), step)
             elif value.ndim == 0:
                 self.writer.add_scalar(f"{kind}/{key}", float(value), step)
+            elif value.ndim == 1:  # one value per MoE layer: drop rates, fan-out
+                for layer, v in enumerate(value):
+                    self.writer.add_scalar(f"{key}/layer{layer}", float(v), step)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 

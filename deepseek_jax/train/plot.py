@@ -1,6 +1,7 @@
-"""Loss curves and an expert-load heatmap of a train.py run, as PNG files in the run dir.
+"""Loss curves, an expert-load heatmap and the MoE dispatch (drop rate, device fan-out) of a
+train.py run, as PNG files in the run dir.
 
-python -m deepseek_jax.train.plot runs/default    # -> loss.png, expert_load.png
+python -m deepseek_jax.train.plot runs/default    # -> loss.png, expert_load.png, dispatch.png
 """
 
 from __future__ import annotations
@@ -51,6 +52,30 @@ def plot_load(record: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_dispatch(train: list[dict], path: str) -> None:
+    """Per MoE layer over steps: share of assignments dropped, and devices per token."""
+    steps = [r["step"] for r in train]
+    fig, (drop, fan) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, style in (
+        ("drop_rate", drop, "-"),
+        ("never_drop_drop_rate", drop, ":"),
+        ("fanout_mean", fan, "-"),
+        ("fanout_max", fan, ":"),
+    ):
+        values = np.asarray([r[key] for r in train])  # [steps, L_moe]
+        for layer in range(values.shape[1]):
+            ax.plot(steps, values[:, layer], style, label=f"{key} layer {layer}")
+    drop.set_title("assignments dropped (never-drop tokens dotted: must be 0)")
+    fan.set_title("devices a token reached: mean, max dotted (<= M)")
+    for ax in (drop, fan):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_run(run_dir: str) -> list[str]:
     """Writes the PNGs and returns their paths."""
     records = read(run_dir)
@@ -62,6 +87,9 @@ def plot_run(run_dir: str) -> list[str]:
     if np.asarray(train[-1]["load"]).size:
         paths.append(os.path.join(run_dir, "expert_load.png"))
         plot_load(train[-1], paths[1])
+    if np.asarray(train[-1].get("drop_rate", [])).size:
+        paths.append(os.path.join(run_dir, "dispatch.png"))
+        plot_dispatch(train, paths[-1])
     return paths
 
 

@@ -5,7 +5,7 @@ L_moe MoE layers, E routed experts.
 
 The mesh has the axes of DESIGN.md section 5, ("data", "fsdp", "expert", "tensor"); one
 device is the 1x1x1x1 mesh, so single- and multi-device training are the same code. Params
-take `rules.param_shardings`, AdamW's moments `rules.opt_state_shardings` (ZeRO-1), batches
+take `placement.param_shardings`, AdamW's moments `placement.opt_state_shardings` (ZeRO-1), batches
 `rules.batch_sharding`; the jitted steps keep every leaf where it lies, so between steps
 nothing moves.
 """
@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import DeepSeekV2
-from deepseek_jax.parallel import rules
+from deepseek_jax.parallel import placement, rules
 from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
 from deepseek_jax.train import losses
 from deepseek_jax.train.state import TrainState, init_state, next_rng
@@ -51,8 +51,8 @@ def state_shardings(cfg: ModelConfig, mesh: Mesh, state_shapes: TrainState) -> T
     replicated = NamedSharding(mesh, P())
     return TrainState(
         step=replicated,
-        params=rules.param_shardings(cfg, mesh),
-        opt_state=rules.opt_state_shardings(cfg, mesh, state_shapes.opt_state),
+        params=placement.param_shardings(cfg, mesh),
+        opt_state=placement.opt_state_shardings(cfg, mesh, state_shapes.opt_state),
         rng=replicated,
     )
 
@@ -73,7 +73,7 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None):
+def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None, train: bool = False):
     # On one device the plain MoE path (its kernel chosen for the token count) beats a
     # one-device all-to-all dispatch; on more, the expert-parallel dispatch.
     model = DeepSeekV2(cfg, mesh=mesh if mesh is not None and mesh.size > 1 else None)
@@ -82,6 +82,7 @@ def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None):
         batch["inputs"],
         positions_BT=batch["positions"],
         segment_ids_BT=batch["segment_ids"],
+        train=train,
     )
 
 
@@ -106,7 +107,7 @@ def make_train_step(
 
     def micro_grads(params, micro, total_weight):
         def loss_fn(p):
-            out = forward(cfg, p, micro, mesh)
+            out = forward(cfg, p, micro, mesh, train=True)
             return losses.train_loss(out, micro, total_weight, micro_steps)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -139,6 +140,11 @@ def make_train_step(
             "lr": schedule(state.step),
             "tokens": total_weight,
             "load": aux.load,  # [L_moe, E] share of assignments per expert
+            # [L_moe] each: token dropping (2.2.4) and devices per token (2.2.2)
+            "drop_rate": aux.drop_rate,
+            "never_drop_drop_rate": aux.never_drop_drop_rate,
+            "fanout_mean": aux.fanout_mean,
+            "fanout_max": aux.fanout_max,
         }
         return new_state, metrics
 
