@@ -2,15 +2,19 @@
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count is fixed
 when jax starts, and the rest of the suite runs on one device)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import deepseek_jax as dj
 from deepseek_jax.errors import UserError
 from deepseek_jax.model.moe import Routing, reference_experts, route
-from deepseek_jax.parallel import expert, plan, rules
+from deepseek_jax.parallel import expert, placement, plan, rules
 
 if jax.device_count() != 8:
     pytest.skip("needs 8 devices: run through tests/test_parallel.py", allow_module_level=True)
@@ -257,3 +261,20 @@ def test_generation_on_a_dropping_config_does_not_depend_on_the_batch(setup):
     assert float(out.aux.drop_rate.max()) > 0
     assert float(out.aux.never_drop_drop_rate.max()) == 0
     assert float(out.aux.fanout_max.max()) <= cfg.topk_group
+
+
+def test_opt_state_mirrors_params_split_further_over_free_token_axes():
+    """On a real (data 2, fsdp 2, expert 2) mesh: AdamW's moments are placed like their
+    params plus ZeRO-1 over the token axes the param leaves free; the count is replicated."""
+    cfg = dj.preset("tiny")
+    mesh = dj.make_mesh(data=2, fsdp=2, expert=2)
+    shapes = jax.eval_shape(lambda: dj.init_params(cfg, jax.random.key(0)))
+    state = jax.eval_shape(optax.adamw(1e-3).init, shapes)
+    shardings = placement.opt_state_shardings(cfg, mesh, state)
+    params = placement.param_shardings(cfg, mesh)
+    assert shardings[0].count.spec == P()
+    mu, param = shardings[0].mu["moe_layers"]["mlp"]["w_up"], params["moe_layers"]["mlp"]["w_up"]
+    assert param.spec == P(None, "expert", "fsdp", "tensor")
+    assert mu.spec == P(None, "expert", "fsdp", ("tensor", "data"))
+    w = shapes["moe_layers"]["mlp"]["w_up"]
+    assert math.prod(mu.shard_shape(w.shape)) * 2 == math.prod(param.shard_shape(w.shape))

@@ -35,8 +35,9 @@ def tile_rows(rows: int, groups: int) -> int:
     """Rows per tile: a power of two near rows / (8 groups), between 8 and 128.
 
     The loop's static bound pads at most one tile per group, so tile <= rows / (8 groups)
-    keeps that bound within 12.5% of the rows (the compiled FLOPs, issue 12 point 4); at
-    run time about half of it is done. Tiles of 8 rows or fewer starve the CPU's matmul.
+    keeps that bound within 12.5% of the rows (the compiled FLOPs, issue 12 point 4) once
+    rows >= 64 x groups, and within 8 x groups rows below that; at run time about half of
+    it is done. Tiles under 8 rows starve the CPU's matmul.
     """
     target = max(rows // (8 * groups), 8)
     return min(1 << (target.bit_length() - 1), 128)
@@ -133,8 +134,9 @@ def _grouped_matmul_fwd(lhs_mk, rhs_gkn, group_sizes_g, tile):
 
 def _grouped_matmul_bwd(tile, residuals, dout_mn):
     lhs_mk, rhs_gkn, group_sizes_g = residuals
-    dlhs = _gmm(dout_mn, rhs_gkn, group_sizes_g, tile, transpose_rhs=True)
-    drhs = _tgmm(lhs_mk, dout_mn, group_sizes_g, tile, rhs_gkn.shape[0])
+    with jax.named_scope("experts"):  # the backward is traced outside the caller's scope
+        dlhs = _gmm(dout_mn, rhs_gkn, group_sizes_g, tile, transpose_rhs=True)
+        drhs = _tgmm(lhs_mk, dout_mn, group_sizes_g, tile, rhs_gkn.shape[0])
     return dlhs.astype(lhs_mk.dtype), drhs.astype(rhs_gkn.dtype), None
 
 

@@ -70,7 +70,7 @@ def all_to_all_bytes(text: str, last_dim: int | None = None) -> int:
 
 def dot_flops(text: str, scope: str | None = None) -> float:
     """FLOPs of the dots one device runs (2 x output elements x contracted size), loop bodies
-    times their trip counts; with `scope`, only dots whose op_name contains "/scope/"."""
+    times their trip counts; with `scope`, only dots under that jax.named_scope."""
     comps, entry = _computations(text)
     memo: dict[str, float] = {}
 
@@ -90,11 +90,10 @@ def dot_flops(text: str, scope: str | None = None) -> float:
             out_name, out_shape, op, rest = inst.groups()
             shapes[out_name] = out_shape
             if op in ("dot", "convolution"):
-                if (
-                    scope is None
-                    or f"/{scope}/" in rest
-                    or f"{scope}/" in rest.split("op_name=")[-1]
-                ):
+                op_name = re.search(r'op_name="([^"]*)"', rest)
+                # A scope shows as ".../experts/..." or, under autodiff, "jvp(experts)/...".
+                inside = op_name and re.search(rf"[/(]{scope}\)*/", op_name.group(1))
+                if scope is None or inside:
                     lhs = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
                     lhs_dims = _dims(shapes.get(lhs, ""))
                     contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
