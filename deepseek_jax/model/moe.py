@@ -26,6 +26,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.experts import routed_experts
 from deepseek_jax.model.layers import MLP, weight
 from deepseek_jax.parallel.expert import expert_parallel, never_drop_tokens
+from deepseek_jax.parallel.rules import constrain
 
 # Up to this many tokens (decode), every expert gets a slot per token: see slotted_swiglu.
 SLOTTED_MAX_TOKENS = 64
@@ -175,6 +176,7 @@ class MoE(nn.Module):
         w_up = weight(self, "w_up", cfg, (e, d, i), ("expert", "embed", "expert_mlp"))
         w_down = weight(self, "w_down", cfg, (e, i, d), ("expert", "expert_mlp", "embed"))
 
+        x_BTD = constrain(x_BTD, self.mesh, ("batch", "length", "act_embed"))
         x_ND = x_BTD.reshape(b * t, d)
         never_drop = never_drop_tokens(cfg, b, t)
         if self.mesh is None:

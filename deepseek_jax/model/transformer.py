@@ -28,6 +28,10 @@ from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE, MoEAux
 from deepseek_jax.model.rope import rope_cos_sin
+from deepseek_jax.parallel.rules import constrain
+
+# Logical axes of the residual stream [B, T, D] at block boundaries (the one rules table).
+RESIDUAL = ("batch", "length", "act_embed")
 
 REMAT_POLICIES = {
     "full": None,
@@ -72,6 +76,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
         cfg = self.cfg
+        x_BTD = constrain(x_BTD, self.mesh, RESIDUAL)
         with jax.named_scope("mla"):
             h, latents = MLA(cfg, name="attn")(
                 RMSNorm(cfg, name="attn_norm")(x_BTD), cos, sin, mask, positions_BT, cache_BSL
@@ -83,7 +88,7 @@ class Block(nn.Module):
                 h, aux = MoE(cfg, self.mesh, self.train, name="mlp")(normed)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
-        return x_BTD + h, (latents, aux)
+        return constrain(x_BTD + h, self.mesh, RESIDUAL), (latents, aux)
 
 
 def stack(
