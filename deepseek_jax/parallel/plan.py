@@ -4,7 +4,8 @@ allocating it.
     python -m deepseek_jax.parallel.plan --preset v2 --mesh data=4,expert=8 \
         --param-dtype bfloat16 --dtype bfloat16
 
-Params, AdamW's two fp32 moments and the latent cache come from `jax.eval_shape` and the
+Params, their gradients, AdamW's two moments (all in the params' dtype, as the train step
+keeps them) and the latent cache come from `jax.eval_shape` and the
 rules table's shardings. One MoE layer's routed experts are costed twice: predicted from
 shapes alone (`predicted_layer_cost`: the dispatch's C and B from `expert.sizes`) and read
 from the program XLA compiles for it (`compiled_layer_cost`: all-to-all operand bytes and
@@ -48,14 +49,14 @@ def per_device_bytes(shapes, shardings) -> int:
 
 def memory(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, int]:
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    fp32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
-    state = jax.eval_shape(optax.adamw(1e-3).init, fp32)
+    # The train step's AdamW (optax's default mu_dtype) keeps its moments in the params' dtype.
+    state = jax.eval_shape(optax.adamw(1e-3).init, params)
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, length))
     shardings = placement.param_shardings(cfg, mesh)
     return {
         f"params ({cfg.param_dtype})": per_device_bytes(params, shardings),
         f"gradients ({cfg.param_dtype})": per_device_bytes(params, shardings),
-        "adamw moments (fp32)": per_device_bytes(
+        f"adamw moments ({cfg.param_dtype})": per_device_bytes(
             state, placement.opt_state_shardings(cfg, mesh, state)
         ),
         f"latent cache (B {batch}, S {length}, {cfg.dtype})": per_device_bytes(
