@@ -109,9 +109,14 @@ def test_training_run_end_to_end(tmp_path):
     assert evals[-1]["eval_loss"] < result["unigram_loss"]
     assert evals[-1]["eval_bits_per_byte"] == pytest.approx(evals[-1]["eval_loss"] / math.log(2))
     assert np.asarray(train[-1]["load"]).shape == (1, 16)  # [L_moe, E]
+    # One device: nothing dropped; fan-out over routing groups, at most M of them.
+    assert train[-1]["drop_rate"] == [0.0] and train[-1]["never_drop_drop_rate"] == [0.0]
+    assert 1.0 <= train[-1]["fanout_mean"][0] <= train[-1]["fanout_max"][0] <= 2
     assert train[-1]["tokens_per_s"] > 0
     assert os.listdir(os.path.join(config.train.run_dir, "tb"))
-    assert all(os.path.getsize(p) > 0 for p in plot_run(config.train.run_dir))
+    plots = plot_run(config.train.run_dir)
+    assert "dispatch.png" in [os.path.basename(p) for p in plots]
+    assert all(os.path.getsize(p) > 0 for p in plots)
 
     cfg, params = load_params(config.train.run_dir)
     assert cfg.num_hidden_layers == 2 and cfg.vocab_size == 256
