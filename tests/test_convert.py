@@ -4,7 +4,6 @@
 import jax
 import ml_dtypes
 import numpy as np
-import pytest
 import transformers
 from hf_models import build_hf, hf_logits
 
@@ -12,13 +11,7 @@ import deepseek_jax as dj
 from deepseek_jax.checkpoint import orbax as orbax_checkpoint
 from deepseek_jax.checkpoint.convert import main
 
-needs_save_params = pytest.mark.skipif(
-    not hasattr(orbax_checkpoint, "save_params"),
-    reason="deepseek_jax.checkpoint.orbax has no save_params(directory, cfg, params) yet",
-)
 
-
-@needs_save_params
 def test_hf_to_orbax_to_hf(tmp_path, capsys):
     hf_model = build_hf(tmp_path / "hf", q_lora_rank=24, num_hidden_layers=2)
     main(["--from", "hf", "--to", "orbax", str(tmp_path / "hf"), str(tmp_path / "orbax")])
@@ -35,7 +28,6 @@ def test_hf_to_orbax_to_hf(tmp_path, capsys):
     assert cfg == dj.load_hf(tmp_path / "hf")[0]
 
 
-@needs_save_params
 def test_dtype_flag(tmp_path):
     build_hf(tmp_path / "hf", num_hidden_layers=2)
     main([str(tmp_path / "hf"), str(tmp_path / "orbax"), "--dtype", "bfloat16"])
