@@ -12,6 +12,7 @@ the plain numpy reading of the same tensors (`check`, an extra argument).
 import ctypes
 import gc
 import json
+import os
 import sys
 
 import jax
@@ -34,6 +35,8 @@ def main(directory: str, mesh_flag: str, address=None, rank=None, processes=None
     from deepseek_jax.checkpoint import hf
     from deepseek_jax.parallel.mesh import make_mesh, parse_mesh
 
+    if os.environ.get("LOAD_PROBE_LAYERWISE"):  # the path of blocks too big for one host copy
+        hf.LAYERWISE_BYTES = 0
     mesh = make_mesh(**parse_mesh(mesh_flag))
     cfg, tensors = hf.open_checkpoint(directory)
     cfg = cfg.replace(param_dtype="float32", dtype="float32")

@@ -278,7 +278,7 @@ def read_params(cfg: ModelConfig, tensors: TensorDirectory, shardings: dict) -> 
     leaves = [
         read_leaf(cfg, tensors, sources[name], shape.shape, sharding)
         for name, (_, shape), sharding in zip(
-            tqdm(names, desc=f"loading {tensors.directory}", leave=False),
+            tqdm(names, desc=f"loading {tensors.directory}", leave=False, disable=None),
             flat,
             flat_shardings,
             strict=True,
@@ -301,10 +301,11 @@ def check_divides(name: str, shape: tuple[int, ...], sharding) -> None:
 
 
 def read_leaf(cfg, tensors, source: Source, shape, sharding) -> jax.Array:
-    """One leaf as a jax.Array on `sharding`. A stacked leaf [L, ...] is filled one layer at a
-    time into its (donated) buffer, so host memory holds one layer's block at most: one HF
-    tensor, or this device's experts of one layer."""
-    if source.layers is None:
+    """One leaf as a jax.Array on `sharding`. A stacked leaf [L, ...] whose device blocks pass
+    LAYERWISE_BYTES is filled one layer at a time into its (donated) buffer, so host memory
+    holds one layer's block at most: one HF tensor, or this device's experts of one layer."""
+    block_bytes = math.prod(sharding.shard_shape(shape)) * NP_DTYPES[cfg.param_dtype].itemsize
+    if source.layers is None or block_bytes <= LAYERWISE_BYTES:
         return place_blocks(shape, sharding, lambda b: read_block(cfg, tensors, source, shape, b))
     leaf = zeros(shape, NP_DTYPES[cfg.param_dtype], sharding)
     for layer in range(shape[0]):
@@ -315,6 +316,11 @@ def read_leaf(cfg, tensors, source: Source, shape, sharding) -> jax.Array:
 
         leaf = put_layer(sharding)(leaf, place_blocks((1, *shape[1:]), sharding, read_layer), layer)
     return leaf
+
+
+# A device block past this is filled one layer at a time (two small compiles per leaf shape);
+# below it, one host block is cheaper: small models load in a blink, large ones stay bounded.
+LAYERWISE_BYTES = 64 << 20
 
 
 def place_blocks(shape, sharding, read) -> jax.Array:
@@ -429,7 +435,9 @@ def save_hf(
     for rule in top_rules(cfg):
         emit(rule.hf, rule, params, ())
     for stack, moe, layers in stacks(cfg):
-        for local, layer in enumerate(tqdm(layers, desc=f"saving {path}", leave=False)):
+        for local, layer in enumerate(
+            tqdm(layers, desc=f"saving {path}", leave=False, disable=None)
+        ):
             for rule in layer_rules(cfg, moe):
                 for j in expert_slots(rule, cfg):
                     index = (local, j) if "{j}" in rule.hf else (local,)

@@ -31,9 +31,7 @@ def local_dir(source: str | os.PathLike) -> str:
     if os.path.exists(path):
         raise UserError(f"{path} is a file: give a checkpoint directory or a hub id (owner/name)")
     if not HUB_ID.match(path):
-        raise UserError(
-            f"{path!r} is neither a directory nor a hub id (owner/name): check the path"
-        )
+        raise UserError(f"{path} does not exist and is not a hub id (owner/name): check the path")
     import huggingface_hub  # noqa: PLC0415  (only for hub ids)
     from huggingface_hub.errors import HfHubHTTPError  # noqa: PLC0415
 
