@@ -3,6 +3,7 @@ tied embeddings, and the peak host memory of a load."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,10 @@ import transformers
 from hf_models import build_hf, hf_logits
 
 import deepseek_jax as dj
+from deepseek_jax.checkpoint import orbax as orbax_checkpoint
+from deepseek_jax.checkpoint import read_weights
+from deepseek_jax.checkpoint.hf import placement
+from deepseek_jax.checkpoint.orbax import save_params
 from deepseek_jax.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -311,3 +316,66 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_read_weights_checks_architecture_only(hf_dir, tmp_path):
+    """init_from: execution fields may differ (the weights are read); an architecture field
+    that differs is named, and so is a run step that was never saved."""
+    directory, _ = hf_dir
+    cfg, params = dj.load_hf(directory)
+    execution = cfg.replace(scan_unroll=2, remat_policy="full", capacity_factor=1.5)
+    assert_trees_equal(read_weights(directory, execution, placement(execution, None)), params)
+
+    wider = cfg.replace(kv_lora_rank=48)
+    one_line_error(
+        ["kv_lora_rank: 32 vs 48"], lambda: read_weights(directory, wider, placement(wider, None))
+    )
+    save_params(tmp_path / "run", cfg, params)
+    assert_trees_equal(read_weights(f"{tmp_path / 'run'}:0", cfg, placement(cfg, None)), params)
+    one_line_error(
+        ["no complete step 5", "[0]"],
+        lambda: read_weights(f"{tmp_path / 'run'}:5", cfg, placement(cfg, None)),
+    )
+
+
+HUB_PROBE = """
+import sys
+import deepseek_jax as dj
+from deepseek_jax.checkpoint.convert import main
+cfg, params = dj.load_hf("someone/tiny-v2")
+print("layers", cfg.num_hidden_layers)
+main(["someone/tiny-v2", sys.argv[1]])
+try:
+    dj.load_hf("someone/not-cached")
+except dj.errors.UserError as e:
+    print("error", e)
+"""
+
+
+def test_hub_ids_offline_from_a_filled_cache(hf_dir, tmp_path):
+    """A hub id resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (a fresh
+    process: huggingface_hub reads its environment once, at import)."""
+    directory, _ = hf_dir
+    repo = tmp_path / "hub" / "models--someone--tiny-v2"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(directory):
+        shutil.copy(directory / name, snapshot)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    run = subprocess.run(
+        [sys.executable, "-c", HUB_PROBE, str(tmp_path / "orbax")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "layers 2" and "(hf) -> " in lines[1], lines
+    assert lines[2].startswith("error 'someone/not-cached' is no local directory") and (
+        "HF_HUB_OFFLINE" in lines[2]
+    ), lines
+    assert orbax_checkpoint.load_params(tmp_path / "orbax")[0] == dj.load_hf(directory)[0]

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from deepseek_jax.checkpoint.hub import local_dir
 from deepseek_jax.checkpoint.safetensors_io import ShardedWriter, TensorDirectory
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.errors import UserError
@@ -190,21 +191,12 @@ class Source:
 
 def leaf_sources(cfg: ModelConfig) -> dict[str, Source]:
     """Every leaf path of our params ("/"-joined) -> its Source: the one table, read per leaf."""
-    sources = {
-        rule.ours[0]: Source(rule, 0, None) for rule in top_rules(cfg)
-    }  # top rules are one-to-one
+    sources = {rule.ours[0]: Source(rule, 0, None) for rule in top_rules(cfg)}  # one-to-one
     for stack, moe, layers in stacks(cfg):
         for rule in layer_rules(cfg, moe):
             for k, ours in enumerate(rule.ours):
                 sources[f"{stack}/{ours}"] = Source(rule, k, layers)
     return sources
-
-
-def resolve(source: str | os.PathLike) -> str:
-    """A checkpoint directory from a path or a hub id (checkpoint/hub.py)."""
-    from deepseek_jax.checkpoint.hub import local_dir  # noqa: PLC0415
-
-    return local_dir(source)
 
 
 def load_hf(
@@ -218,7 +210,7 @@ def load_hf(
     each read from the memory-mapped tensors it overlaps, once per distinct block. Peak host
     memory above the finished arrays: one block and one HF tensor's mapped pages.
     """
-    path = resolve(path)
+    path = local_dir(path)
     cfg, tensors = open_checkpoint(path)
     if dtype is None:
         first = tensors[min(tensors.keys())]
@@ -469,21 +461,33 @@ def copy_tokenizer_files(source: str | os.PathLike | None, target: str) -> list[
 
 
 def gather(x, index: tuple[int, ...]) -> np.ndarray:
-    """x[index] on the host, whatever x's sharding: only that slice travels, and across
-    processes every process takes part (a collective) and gets it."""
+    """x[index] on the host, whatever x's sharding: only that slice travels. Within a process
+    it is read from the device shards that hold it; across processes every process takes
+    part (a collective) and gets it."""
     if isinstance(x, np.ndarray):
         return x[index]
-    out = x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None
-    part = take(out)(x, *index)
-    if part.is_fully_addressable:
-        return np.asarray(part)
-    return np.asarray(part.addressable_data(0))  # replicated: every process holds it whole
+    if not x.is_fully_addressable:
+        part = take(x.sharding.mesh)(x, *index)
+        return np.asarray(part.addressable_data(0))  # replicated: every process holds it whole
+    out = np.empty(x.shape[len(index) :], x.dtype)
+    filled = set()
+    for shard in x.addressable_shards:
+        lead, inner = shard.index[: len(index)], shard.index[len(index) :]
+        spans = [s.indices(n)[:2] for s, n in zip(lead, x.shape, strict=False)]
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(inner, out.shape, strict=True))
+        holds = all(a <= i < b for i, (a, b) in zip(index, spans, strict=True))
+        if bounds in filled or not holds:
+            continue
+        local = [i - a for i, (a, _) in zip(index, spans, strict=True)]
+        out[inner] = np.asarray(take(None)(shard.data, *local))
+        filled.add(bounds)
+    return out
 
 
 @functools.cache
 def take(mesh: Mesh | None):
-    """x[i, j, ...] with traced indices (one compile per leaf shape, not per layer and expert),
-    replicated over `mesh` so that every process can read it."""
+    """x[i, j, ...] with traced indices (one compile per shard shape, not per layer and
+    expert); with a mesh, replicated over it so that every process can read it."""
     out_shardings = None if mesh is None else NamedSharding(mesh, P())
     return jax.jit(lambda x, *index: x[index], out_shardings=out_shardings)
 
