@@ -4,9 +4,14 @@
     python sample.py --checkpoint path/to/DeepSeek-V2-Lite-Chat --chat --prompt "Hi!" \
         --temperature 0.7 --top-p 0.9
 
+    python sample.py --checkpoint deepseek-ai/DeepSeek-V2-Lite-Chat --chat --prompt "Hi!" \
+        --mesh expert=8 --dtype bfloat16
+
 --checkpoint is an HF directory (config.json + safetensors, with tokenizer.json and
-tokenizer_config.json for its tokenizer and chat template) or a train.py run directory
-(orbax; byte tokenizer). Greedy with --temperature 0.
+tokenizer_config.json for its tokenizer and chat template), a hub id, or a train.py run
+directory[:step] (orbax; its tokenizer files if it was trained with one, else bytes).
+--mesh shards the params (read straight onto the devices) and the batch over local devices.
+Greedy with --temperature 0.
 """
 
 import argparse
@@ -16,13 +21,19 @@ import time
 import jax
 
 import deepseek_jax as dj
-from deepseek_jax.data.tokenizers import TextStream, load_tokenizer
+from deepseek_jax.checkpoint import split_step
+from deepseek_jax.checkpoint.hub import local_dir
+from deepseek_jax.data.tokenizers import ByteTokenizer, TextStream, load_tokenizer
+from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.generate.cache import describe
+from deepseek_jax.parallel.mesh import parse_mesh
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="HF checkpoint dir or train.py run dir")
+    p.add_argument(
+        "--checkpoint", required=True, help="HF checkpoint dir, hub id, or train.py run dir[:step]"
+    )
     p.add_argument("--prompt", default="", help="text to continue (with --chat: the user turn)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
     p.add_argument("--system", help="with --chat: a system message before the user turn")
@@ -32,6 +43,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="always make --max-new-tokens")
+    p.add_argument("--mesh", help="e.g. expert=8 or data=2,expert=4: shard over local devices")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="params (default: as saved)")
+    p.add_argument("--debug", action="store_true", help="tracebacks for errors")
     return p.parse_args(argv)
 
 
@@ -39,21 +53,41 @@ def prompt_ids(args, tokenizer) -> list[int]:
     if not args.chat:
         ids = tokenizer.encode(args.prompt)
         if not ids:
-            raise ValueError("--prompt is empty and the tokenizer adds no bos: give some text")
+            raise UserError("--prompt is empty and the tokenizer adds no bos: give some text")
         return ids
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     return tokenizer.encode_chat(messages)
 
 
+def make_mesh(flag: str | None):
+    if not flag:
+        return None
+    try:
+        return dj.make_mesh(**parse_mesh(flag))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load(args):
+    """(cfg, params, tokenizer, mesh) for --checkpoint, refusing a byte tokenizer (no
+    tokenizer files beside the weights) for a model whose vocabulary is not the 256 bytes."""
+    mesh = make_mesh(args.mesh)
+    cfg, params = dj.load_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    tokenizer = load_tokenizer(local_dir(split_step(args.checkpoint)[0]))
+    if isinstance(tokenizer, ByteTokenizer) and cfg.vocab_size != ByteTokenizer.vocab_size:
+        raise UserError(
+            f"{args.checkpoint} has no tokenizer.json and a vocabulary of {cfg.vocab_size}, not "
+            "the 256 bytes: copy the tokenizer files of the model it came from beside it"
+        )
+    return cfg, params, tokenizer, mesh
+
+
+@report_errors("sample.py")
 def main(argv=None) -> None:
     args = parse(argv)
-    try:
-        cfg, params = dj.load_checkpoint(args.checkpoint)
-        tokenizer = load_tokenizer(args.checkpoint)
-        ids = prompt_ids(args, tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"sample.py: {e}")
+    cfg, params, tokenizer, mesh = load(args)
+    ids = prompt_ids(args, tokenizer)
     eos = None if args.ignore_eos else tokenizer.eos_id
     if eos is None and not args.ignore_eos and cfg.eos_token_id is not None:
         eos = cfg.eos_token_id if cfg.eos_token_id < cfg.vocab_size else None
@@ -84,9 +118,12 @@ def main(argv=None) -> None:
             seed=args.seed,
             eos=eos,
             stream=show,
+            mesh=mesh,
         ).block_until_ready()
-    except ValueError as e:
-        sys.exit(f"sample.py: {e}")
+    except UserError:
+        raise
+    except ValueError as e:  # generate's checks of the prompt and settings: the user's input
+        raise UserError(str(e)) from None
     jax.effects_barrier()  # the last stream callbacks
     print()
     decode = f"{(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else ""

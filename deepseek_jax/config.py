@@ -15,6 +15,8 @@ import json
 import os
 from typing import Any
 
+from deepseek_jax.errors import UserError
+
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -33,16 +35,14 @@ class YarnConfig:
 
     def __post_init__(self):
         if self.factor < 1.0:
-            raise ValueError(
-                f"rope_scaling.factor={self.factor}: must be >= 1 (1 means no scaling)"
-            )
+            raise UserError(f"rope_scaling.factor={self.factor}: must be >= 1 (1 means no scaling)")
         if self.original_max_position_embeddings <= 0:
-            raise ValueError(
+            raise UserError(
                 "rope_scaling.original_max_position_embeddings="
                 f"{self.original_max_position_embeddings}: must be positive"
             )
         if self.beta_fast <= self.beta_slow:
-            raise ValueError(
+            raise UserError(
                 f"rope_scaling.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow}"
             )
 
@@ -107,53 +107,53 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+                raise UserError(f"{name}={value!r}: must be a positive integer")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"q_lora_rank={self.q_lora_rank}: use None for no q compression")
+            raise UserError(f"q_lora_rank={self.q_lora_rank}: use None for no q compression")
         if self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts={self.n_shared_experts}: must be >= 0")
+            raise UserError(f"n_shared_experts={self.n_shared_experts}: must be >= 0")
         if self.qk_rope_head_dim % 2:
-            raise ValueError(
+            raise UserError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim}: RoPE rotates pairs, so it must be even"
             )
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ValueError(
+            raise UserError(
                 f"first_k_dense_replace={self.first_k_dense_replace}: must lie in "
                 f"[0, num_hidden_layers={self.num_hidden_layers}]"
             )
         if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method={self.topk_method!r}: choose one of {TOPK_METHODS}")
+            raise UserError(f"topk_method={self.topk_method!r}: choose one of {TOPK_METHODS}")
         if self.n_routed_experts % self.n_group:
-            raise ValueError(
+            raise UserError(
                 f"n_routed_experts={self.n_routed_experts} is not divisible by "
                 f"n_group={self.n_group}: routing groups must be equal"
             )
         if self.topk_group > self.n_group:
-            raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+            raise UserError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
         reachable = self.n_routed_experts
         if self.topk_method == "group_limited_greedy":
             reachable = self.topk_group * self.n_routed_experts // self.n_group
         if self.num_experts_per_tok > reachable:
-            raise ValueError(
+            raise UserError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {reachable} experts "
                 f"a token can reach (topk_method={self.topk_method!r}, topk_group={self.topk_group}"
                 f", n_group={self.n_group}): lower it or raise topk_group"
             )
         if self.routed_scaling_factor <= 0:
-            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor}: must be > 0")
+            raise UserError(f"routed_scaling_factor={self.routed_scaling_factor}: must be > 0")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(
+            raise UserError(
                 f"capacity_factor={self.capacity_factor}: must be > 0, or None for dropless"
             )
         if not 0.0 <= self.no_drop_fraction <= 1.0:
-            raise ValueError(f"no_drop_fraction={self.no_drop_fraction}: must lie in [0, 1]")
+            raise UserError(f"no_drop_fraction={self.no_drop_fraction}: must lie in [0, 1]")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {DTYPES}")
+                raise UserError(f"{name}={getattr(self, name)!r}: choose one of {DTYPES}")
         if self.scan_unroll < 1:
-            raise ValueError(f"scan_unroll={self.scan_unroll}: must be >= 1 (1: no unrolling)")
+            raise UserError(f"scan_unroll={self.scan_unroll}: must be >= 1 (1: no unrolling)")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
+            raise UserError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", YarnConfig(**self.rope_scaling))
 
@@ -199,134 +199,217 @@ class ModelConfig:
     def from_dict(cls, fields: dict) -> ModelConfig:
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+            raise UserError(f"unknown ModelConfig fields {sorted(unknown)}")
         return cls(**fields)
 
     # HF config.json ----------------------------------------------------------------------------
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict, **overrides: Any) -> ModelConfig:
-        """Reads a `config.json` (a path, a checkpoint directory or its parsed dict)."""
-        if isinstance(source, dict):
-            hf = dict(source)
-        else:
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no config.json at {path}")
-            with open(path) as f:
-                hf = json.load(f)
-        if hf.get("model_type", "deepseek_v2") != "deepseek_v2":
-            raise ValueError(f"model_type={hf['model_type']!r}: only 'deepseek_v2' is supported")
-        nope, rope = hf.get("qk_nope_head_dim", 128), hf.get("qk_rope_head_dim", 64)
-        if "qk_head_dim" in hf and hf["qk_head_dim"] != nope + rope:
-            raise ValueError(
-                f"qk_head_dim={hf['qk_head_dim']} != qk_nope_head_dim {nope} + qk_rope_head_dim "
-                f"{rope}: the query/key dims do not add up"
-            )
-        # Legacy checkpoints carry `rope_scaling` (+ top-level rope_theta); transformers >= 5
-        # writes `rope_parameters` with rope_type and rope_theta inside.
-        rope_params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if rope_type not in ("default", "yarn"):
-            raise ValueError(f"rope type {rope_type!r}: DeepSeek-V2 uses 'default' or 'yarn'")
-        yarn = None
-        if rope_type == "yarn":
-            yarn = YarnConfig(
-                factor=float(rope_params["factor"]),
-                original_max_position_embeddings=int(
-                    rope_params.get(
-                        "original_max_position_embeddings", hf["max_position_embeddings"]
-                    )
-                ),
-                beta_fast=float(rope_params.get("beta_fast") or 32),
-                beta_slow=float(rope_params.get("beta_slow") or 1),
-                mscale=float(rope_params.get("mscale") or 1.0),
-                mscale_all_dim=float(rope_params.get("mscale_all_dim") or 0.0),
-            )
-        topk_method = hf.get("topk_method") or "greedy"
-        n_group = hf.get("n_group") or 1
-        topk_group = hf.get("topk_group") or (n_group if topk_method == "greedy" else 1)
-        eos = hf.get("eos_token_id")
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=nope,
-            qk_rope_head_dim=rope,
-            v_head_dim=hf.get("v_head_dim", 128),
-            intermediate_size=hf["intermediate_size"],
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            n_routed_experts=hf["n_routed_experts"],
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            num_experts_per_tok=hf["num_experts_per_tok"],
-            topk_method=topk_method,
-            n_group=n_group,
-            topk_group=topk_group,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=hf["max_position_embeddings"],
-            rope_scaling=yarn,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            initializer_range=float(hf.get("initializer_range", 0.006)),
-        )
+        """Reads a `config.json` (a path, a checkpoint directory or its parsed dict) by
+        `HF_FIELDS`. A key we do not implement with a value other than the one we implement
+        (`UNSUPPORTED`), or a key in no table, is refused by name: never silently ignored."""
+        hf = dict(source) if isinstance(source, dict) else read_json_config(source)
+        check_hf_keys(hf)
+        fields = {}
+        for row in HF_FIELDS:
+            if row.hf is not None:
+                fields[row.name] = hf.get(row.hf, row.hf_default)
+        if fields["num_experts_per_tok"] is None:
+            raise UserError("config.json: num_experts_per_tok is missing: DeepSeek-V2 routes to K")
+        # HF writes None for "not used"; our fields carry the value that means the same.
+        fields["n_shared_experts"] = fields["n_shared_experts"] or 0
+        fields["n_group"] = fields["n_group"] or 1
+        if fields["topk_group"] is None:
+            greedy = fields["topk_method"] == "greedy"
+            fields["topk_group"] = fields["n_group"] if greedy else 1
+        eos = fields["eos_token_id"]
+        fields["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+        for name in ("routed_scaling_factor", "rms_norm_eps", "initializer_range"):
+            fields[name] = float(fields[name])
+        fields["rope_theta"], fields["rope_scaling"] = rope_from_hf(hf)
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf(self) -> dict:
-        """The `config.json` dict that transformers' `DeepseekV2ForCausalLM` loads."""
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta}
-            rope.update(dataclasses.asdict(self.rope_scaling))
-        grouped = self.topk_method == "group_limited_greedy"
-        return {
+        """The `config.json` dict of the published checkpoints' form (legacy `rope_scaling` +
+        top-level `rope_theta`, which transformers >= 5 and vLLM-style readers both take)."""
+        out: dict[str, Any] = {
             "architectures": ["DeepseekV2ForCausalLM"],
             "model_type": "deepseek_v2",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_attention_heads,
-            "q_lora_rank": self.q_lora_rank,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "intermediate_size": self.intermediate_size,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "n_routed_experts": self.n_routed_experts,
-            "n_shared_experts": self.n_shared_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "topk_method": self.topk_method,
-            "n_group": self.n_group if grouped else None,
-            "topk_group": self.topk_group if grouped else None,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "norm_topk_prob": self.norm_topk_prob,
-            "first_k_dense_replace": self.first_k_dense_replace,
-            "moe_layer_freq": 1,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": rope,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "initializer_range": self.initializer_range,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "dtype": self.param_dtype,
         }
+        for row in HF_FIELDS:
+            if row.hf is not None:
+                out[row.hf] = getattr(self, row.name)
+        grouped = self.topk_method == "group_limited_greedy"
+        out["n_group"] = self.n_group if grouped else None
+        out["topk_group"] = self.topk_group if grouped else None
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = None
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+        out.update({k: v for k, v in UNSUPPORTED.items() if k != "num_key_value_heads"})
+        out["num_key_value_heads"] = self.num_attention_heads
+        out["dtype"] = self.param_dtype
+        return out
+
+    # Architecture against execution ------------------------------------------------------------
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that say what the weights mean (`KINDS` "architecture")."""
+        return {f: getattr(self, f) for f, kind in KINDS.items() if kind == "architecture"}
+
+    def architecture_difference(self, other: ModelConfig) -> str | None:
+        """The first architecture field that differs from `other`'s, as `name: ours vs
+        theirs`, or None when the weights of one fit the other (execution may differ)."""
+        for name, value in self.architecture().items():
+            if getattr(other, name) != value:
+                return f"{name}: {value!r} vs {getattr(other, name)!r}"
+        return None
+
+
+def read_json_config(source: str | os.PathLike) -> dict:
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"no config.json at {path}: give an HF checkpoint dir or its config.json")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not JSON ({e}): restore the checkpoint's config") from None
+
+
+def check_hf_keys(hf: dict) -> None:
+    if hf.get("model_type", "deepseek_v2") != "deepseek_v2":
+        raise UserError(f"model_type={hf['model_type']!r}: only 'deepseek_v2' is supported")
+    for key, supported in UNSUPPORTED.items():
+        value = hf.get(key, supported)
+        if key == "num_key_value_heads":  # MLA: one latent, every head reads it
+            supported = hf.get("num_attention_heads", value)
+        if key == "head_dim":  # transformers sets it to qk_rope_head_dim
+            supported = hf.get("qk_rope_head_dim", 64) if value is not None else None
+        if value is not None and value != supported:
+            raise UserError(
+                f"config.json: {key}={value!r} is not supported (only {supported!r}): "
+                "deepseek-jax implements DeepSeek-V2 exactly as published"
+            )
+    nope, rope = hf.get("qk_nope_head_dim", 128), hf.get("qk_rope_head_dim", 64)
+    if hf.get("qk_head_dim", nope + rope) != nope + rope:
+        raise UserError(
+            f"config.json: qk_head_dim={hf['qk_head_dim']} != qk_nope_head_dim {nope} + "
+            f"qk_rope_head_dim {rope}: the query/key dims do not add up"
+        )
+    known = {row.hf for row in HF_FIELDS} | set(UNSUPPORTED) | HF_IGNORED | HF_ROPE
+    unknown = sorted(set(hf) - known)
+    if unknown:
+        raise UserError(
+            f"config.json: field {unknown[0]!r} is unknown to deepseek-jax (unknown: {unknown}):"
+            " it would be ignored, so the model could differ from the checkpoint's"
+        )
+
+
+def rope_from_hf(hf: dict) -> tuple[float, YarnConfig | None]:
+    """(rope_theta, YaRN or None). Published checkpoints carry `rope_scaling` (with "type") and
+    a top-level rope_theta; transformers >= 5 writes `rope_parameters` with both inside."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise UserError(
+            f"config.json: rope type {rope_type!r}: DeepSeek-V2 uses 'default' or 'yarn'"
+        )
+    if rope_type == "default":
+        return theta, None
+    return theta, YarnConfig(
+        factor=float(params["factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", hf["max_position_embeddings"])
+        ),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 1.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One ModelConfig field: its kind, and its HF `config.json` key and the value transformers
+    assumes when the key is absent (None hf: no HF counterpart)."""
+
+    name: str
+    kind: str  # "architecture": what the weights mean; "execution": how they are run/trained
+    hf: str | None = None
+    hf_default: Any = None
+
+
+A, X = "architecture", "execution"
+# The one table: every ModelConfig field, in order. from_hf and to_hf read it; checkpoints
+# compare the "architecture" rows only (a run may change remat, dtypes, capacity ...).
+HF_FIELDS = (
+    Row("vocab_size", A, "vocab_size", 102400),
+    Row("hidden_size", A, "hidden_size", 4096),
+    Row("num_hidden_layers", A, "num_hidden_layers", 32),
+    Row("num_attention_heads", A, "num_attention_heads", 32),
+    Row("q_lora_rank", A, "q_lora_rank", 1536),
+    Row("kv_lora_rank", A, "kv_lora_rank", 512),
+    Row("qk_nope_head_dim", A, "qk_nope_head_dim", 128),
+    Row("qk_rope_head_dim", A, "qk_rope_head_dim", 64),
+    Row("v_head_dim", A, "v_head_dim", 128),
+    Row("intermediate_size", A, "intermediate_size", 11008),
+    Row("moe_intermediate_size", A, "moe_intermediate_size", 1407),
+    Row("n_routed_experts", A, "n_routed_experts", 64),
+    Row("n_shared_experts", A, "n_shared_experts", 2),
+    Row("num_experts_per_tok", A, "num_experts_per_tok", None),
+    Row("topk_method", A, "topk_method", "greedy"),
+    Row("n_group", A, "n_group", None),
+    Row("topk_group", A, "topk_group", None),
+    Row("routed_scaling_factor", A, "routed_scaling_factor", 1.0),
+    Row("norm_topk_prob", A, "norm_topk_prob", False),
+    Row("first_k_dense_replace", A, "first_k_dense_replace", 0),
+    Row("rms_norm_eps", A, "rms_norm_eps", 1e-6),
+    Row("rope_theta", A),  # with rope_scaling: two HF forms, see rope_from_hf
+    Row("max_position_embeddings", A, "max_position_embeddings", 2048),
+    Row("rope_scaling", A),
+    Row("tie_word_embeddings", A, "tie_word_embeddings", False),
+    Row("bos_token_id", X, "bos_token_id", 1),
+    Row("eos_token_id", X, "eos_token_id", 2),
+    Row("aux_loss_alpha1", X, "aux_loss_alpha", 0.001),
+    Row("aux_loss_alpha2", X),
+    Row("aux_loss_alpha3", X),
+    Row("capacity_factor", X),
+    Row("no_drop_fraction", X),
+    Row("initializer_range", X, "initializer_range", 0.02),
+    Row("dtype", X),
+    Row("param_dtype", X),
+    Row("remat_policy", X),
+    Row("scan_unroll", X),
+)
+KINDS = {row.name: row.kind for row in HF_FIELDS}
+# HF fields of variants we do not implement, with the one value we do: any other is refused.
+UNSUPPORTED = {
+    "moe_layer_freq": 1,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "pretraining_tp": 1,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "ep_size": 1,
+    "num_key_value_heads": None,  # must equal num_attention_heads (check_hf_keys)
+    "head_dim": None,  # must equal qk_rope_head_dim where written (check_hf_keys)
+}
+HF_ROPE = {"rope_theta", "rope_scaling", "rope_parameters", "qk_head_dim"}
+# PretrainedConfig's generic keys and loading hints: none changes the model's function.
+HF_IGNORED = {
+    "architectures", "model_type", "auto_map", "transformers_version", "_name_or_path",
+    "dtype", "torch_dtype", "use_cache", "pad_token_id", "output_hidden_states",
+    "output_attentions", "output_router_logits", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "_attn_implementation",
+}  # fmt: skip
 
 
 # Presets ---------------------------------------------------------------------------------------
@@ -422,5 +505,5 @@ PRESETS = {"tiny": tiny, "small": small, "v2_lite": v2_lite, "v2": v2}
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     return PRESETS[name]()

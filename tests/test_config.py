@@ -8,6 +8,7 @@ from hf_models import YARN, hf_config
 
 from deepseek_jax import config, sizes
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -60,21 +61,112 @@ def test_hf_round_trip(rope):
     assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg
 
 
-def test_legacy_rope_scaling_field():
-    """Published checkpoints' config.json: `rope_scaling` with "type", rope_theta at the top."""
-    hf = config.v2().to_hf()
-    del hf["rope_parameters"]
-    hf["rope_theta"] = 10000
-    hf["rope_scaling"] = {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
+# DeepSeek-V2-Lite-Chat's config.json as published (auto_map left out), the form vLLM reads.
+PUBLISHED_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
         "beta_fast": 32,
         "beta_slow": 1,
+        "factor": 40,
         "mscale": 0.707,
         "mscale_all_dim": 0.707,
-    }
-    assert ModelConfig.from_hf(hf).rope_scaling == config.v2().rope_scaling
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 102400,
+}
+
+
+def test_published_config_reads_as_the_preset():
+    """The published `rope_scaling` form and every key of the real file are understood."""
+    cfg = ModelConfig.from_hf(PUBLISHED_LITE)
+    assert cfg.architecture_difference(config.v2_lite()) is None
+    assert cfg.rope_scaling == config.v2().rope_scaling and cfg.initializer_range == 0.02
+
+
+def test_to_hf_writes_the_published_form():
+    hf = config.v2().to_hf()
+    assert "rope_parameters" not in hf and hf["rope_theta"] == 10000.0
+    assert hf["rope_scaling"]["type"] == "yarn" and hf["rope_scaling"]["mscale"] == 0.707
+    assert hf["num_key_value_heads"] == 128 and hf["moe_layer_freq"] == 1
+    assert ModelConfig.from_hf(json.loads(json.dumps(hf))) == config.v2()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("moe_layer_freq", 2),
+        ("hidden_act", "gelu"),
+        ("attention_bias", True),
+        ("mlp_bias", True),
+        ("scoring_func", "sigmoid"),
+        ("num_key_value_heads", 1),
+        ("quantization_config", {"quant_method": "fp8"}),  # in no table: refused, not ignored
+    ],
+)
+def test_unsupported_hf_field_is_refused_by_name(key, value):
+    with pytest.raises(UserError, match=f"^config.json: (field )?'?{key}") as error:
+        ModelConfig.from_hf({**PUBLISHED_LITE, key: value})
+    assert "\n" not in str(error.value)
+
+
+def test_one_table_tags_every_field():
+    """A field added to ModelConfig must get a row (its kind, its HF key) in config.HF_FIELDS."""
+    assert [row.name for row in config.HF_FIELDS] == [
+        f.name for f in dataclasses.fields(ModelConfig)
+    ]
+    assert set(config.KINDS.values()) == {"architecture", "execution"}
+
+
+def test_architecture_compares_architecture_only():
+    base = config.tiny()
+    execution = dict(
+        scan_unroll=4, remat_policy="full", dtype="bfloat16", capacity_factor=1.25,
+        initializer_range=0.02, aux_loss_alpha2=0.05,
+    )  # fmt: skip
+    assert base.architecture_difference(base.replace(**execution)) is None
+    assert base.replace(hidden_size=128, n_routed_experts=8).architecture_difference(base) == (
+        "hidden_size: 128 vs 256"
+    )
 
 
 def test_dict_round_trip_and_unknown_field():

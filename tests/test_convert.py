@@ -1,29 +1,27 @@
 """`python -m deepseek_jax.checkpoint.convert`: HF -> orbax -> HF keeps the model exactly;
---dtype and the detected direction."""
+--dtype, the detected direction, the tokenizer files, and bad input in one line."""
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import transformers
-from hf_models import build_hf, hf_logits
+from hf_models import build_hf, hf_logits, save_chat_tokenizer
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint import orbax as orbax_checkpoint
 from deepseek_jax.checkpoint.convert import main
 
-needs_save_params = pytest.mark.skipif(
-    not hasattr(orbax_checkpoint, "save_params"),
-    reason="deepseek_jax.checkpoint.orbax has no save_params(directory, cfg, params) yet",
-)
 
-
-@needs_save_params
 def test_hf_to_orbax_to_hf(tmp_path, capsys):
+    """Both ways, with the tokenizer files, chat template and generation config carried."""
     hf_model = build_hf(tmp_path / "hf", q_lora_rank=24, num_hidden_layers=2)
+    save_chat_tokenizer(tmp_path / "hf")
     main(["--from", "hf", "--to", "orbax", str(tmp_path / "hf"), str(tmp_path / "orbax")])
     main([str(tmp_path / "orbax"), str(tmp_path / "back")])  # direction detected: orbax -> hf
     assert "(orbax) -> " in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
 
     reloaded = transformers.DeepseekV2ForCausalLM.from_pretrained(
         tmp_path / "back", attn_implementation="eager"
@@ -35,7 +33,6 @@ def test_hf_to_orbax_to_hf(tmp_path, capsys):
     assert cfg == dj.load_hf(tmp_path / "hf")[0]
 
 
-@needs_save_params
 def test_dtype_flag(tmp_path):
     build_hf(tmp_path / "hf", num_hidden_layers=2)
     main([str(tmp_path / "hf"), str(tmp_path / "orbax"), "--dtype", "bfloat16"])
@@ -55,3 +52,21 @@ def test_hf_to_hf_in_bfloat16(tmp_path, capsys):
     for x16, x32 in zip(jax.tree.leaves(params), jax.tree.leaves(params32), strict=True):
         assert x16.dtype == ml_dtypes.bfloat16
         np.testing.assert_allclose(np.asarray(x16, np.float32), x32, rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no/such/dir", "out"], "does not exist and is not a hub id"),
+        (["HF", "out", "--mesh", "rows=2"], "--mesh 'rows=2'"),
+        (["HF", "out", "--from", "orbax"], "is an hf checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    build_hf(tmp_path / "hf", num_hidden_layers=2)
+    argv = [str(tmp_path / "hf") if a == "HF" else a for a in argv]
+    capsys.readouterr()  # transformers' progress bars
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.startswith("convert: ") and message in err and err.count("\n") == 1, err

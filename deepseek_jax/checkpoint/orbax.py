@@ -4,7 +4,8 @@ A run directory written by train.py:
 
     model_config.json      ModelConfig.to_dict(): enough to rebuild the model
     run.json               {"tokenizer": ...}: how to turn ids back into text
-    tokenizer.json, ...    copies of an HF tokenizer's files (none for the byte tokenizer)
+    tokenizer.json, ...    copies of an HF tokenizer's files, chat template and
+                           generation_config.json (none for the byte tokenizer)
     train_config.json      the whole ml-collections config of the run
     checkpoints/<step>/    params, opt_state, meta (step, rng), data (grain iterator state)
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from deepseek_jax.checkpoint.hf import copy_tokenizer_files
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.transformer import init_params
 
 MODEL_CONFIG = "model_config.json"
@@ -40,16 +42,17 @@ def write_run_info(run_dir: str, cfg: ModelConfig, tokenizer: str, train_config:
     ):
         with open(os.path.join(run_dir, name), "w") as f:
             json.dump(data, f, indent=1)
-    if tokenizer != "byte":  # sample.py reads the tokenizer from the run directory
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if os.path.exists(os.path.join(tokenizer, name)):
-                shutil.copy(os.path.join(tokenizer, name), run_dir)
+    if tokenizer != "byte":  # sample.py and the HF export read the tokenizer from here
+        copy_tokenizer_files(tokenizer, run_dir)
 
 
 def read_model_config(run_dir: str) -> ModelConfig:
     path = os.path.join(run_dir, MODEL_CONFIG)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a train.py run directory?")
+        raise UserError(
+            f"{run_dir}: no config.json (HF) or {MODEL_CONFIG} (train.py run): give a checkpoint"
+            " directory, a run directory or a hub id"
+        )
     with open(path) as f:
         return ModelConfig.from_dict(json.load(f))
 
@@ -128,9 +131,7 @@ def save_params(
     with open(os.path.join(directory, RUN_INFO), "w") as f:
         json.dump({"tokenizer": tokenizer}, f, indent=1)
     if tokenizer != "byte":
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if os.path.exists(os.path.join(tokenizer, name)):
-                shutil.copy(os.path.join(tokenizer, name), directory)
+        copy_tokenizer_files(tokenizer, directory)
     manager = ocp.CheckpointManager(
         os.path.join(directory, CHECKPOINTS),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
@@ -142,21 +143,34 @@ def save_params(
 
 
 def load_params(
-    directory: str, step: int | None = None, shardings: dict | None = None
+    directory: str,
+    step: int | None = None,
+    shardings: dict | None = None,
+    dtype: str | None = None,
 ) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a train.py run directory: its latest complete step unless `step`.
     With `shardings` (a params tree of them) each process reads only its own devices' shards,
-    as a job of several processes must; without, the params land on the default device."""
+    as a job of several processes must; without, the params land on the default device.
+    dtype: the params' dtype (cast on restore); None keeps the saved one."""
     directory = os.fspath(directory)
     cfg = read_model_config(directory)
+    checkpoints = os.path.abspath(os.path.join(directory, CHECKPOINTS))
+    if not os.path.isdir(checkpoints):
+        raise UserError(f"{directory}: no {CHECKPOINTS}/ folder: the run has not saved yet")
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(directory, CHECKPOINTS)),
+        checkpoints,
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
         item_handlers={"params": ocp.StandardCheckpointHandler()},
     )
+    steps = manager.all_steps()
     step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory} holds no complete checkpoint yet")
+    if step is None or step not in steps:
+        raise UserError(
+            f"{directory} holds no complete step {'' if step is None else step} (complete: "
+            f"{sorted(steps)}): train until a save, or name one of those steps"
+        )
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     target = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     if shardings is not None:
         target = jax.tree.map(

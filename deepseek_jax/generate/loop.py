@@ -14,9 +14,9 @@ slots of a short row are overwritten before they are ever attended to. Decode ru
 absorbed form over the latent cache inside one `lax.while_loop`: no Python per token.
 
 With a `mesh` (the training mesh), generation runs on params where they lie: prompts and the
-cache are split on the batch by `deepseek_jax.parallel.rules` (replicated when the batch does
-not divide the token axes) and the MoE dispatches over the "expert" axis, so GRPO samples the
-state being trained without a copy (DESIGN.md 5).
+cache are split on the batch by `deepseek_jax.parallel.rules` (the batch padded to divide
+the token axes, generate/batch.py) and the MoE dispatches over the "expert" axis, so GRPO
+samples the state being trained without a copy (DESIGN.md 5).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.generate import batch
 from deepseek_jax.generate.cache import write_prefix
 from deepseek_jax.generate.sampling import check_settings, sample, sampled_logprobs
 from deepseek_jax.model.layers import RMSNorm
@@ -281,6 +282,8 @@ def generate(
     if eos is not None and not 0 <= eos < cfg.vocab_size:
         raise ValueError(f"eos={eos}: outside the vocabulary [0, {cfg.vocab_size})")
     tokens_BP, lengths_B = pad_prompts(cfg, prompts, max_new_tokens)
+    b = len(lengths_B)  # rows past b pad the batch to the mesh (generate/batch.py)
+    tokens_BP, lengths_B = batch.pad_rows(mesh, tokens_BP, lengths_B)
     if mesh is not None:  # a no-op for params already placed by the rules (a training state)
         params = placement.shard_params(cfg, params, mesh)
     out = generate_padded(
@@ -294,8 +297,8 @@ def generate(
         top_k=None if top_k is None else int(top_k),
         top_p=None if top_p is None else float(top_p),
         eos=None if eos is None else int(eos),
-        stream=stream,
+        stream=batch.trimmed(stream, b),
         mesh=mesh,
         with_logprobs=return_logprobs,
     )
-    return out[:2] if return_logprobs else out[0]
+    return (out[0][:b], out[1][:b]) if return_logprobs else out[0][:b]

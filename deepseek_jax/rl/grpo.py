@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from deepseek_jax.checkpoint import orbax as ckpt
+from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import chat
 from deepseek_jax.data.pipeline import make_tokenizer
@@ -325,13 +326,9 @@ def initial_params(gc, cfg: ModelConfig, shardings) -> dict:
             "grpo.init_from is empty: give the run directory of an SFT (or pretraining) run, "
             "e.g. --config.grpo.init_from=runs/sft"
         )
-    if ckpt.read_model_config(gc.init_from) != cfg:
-        raise ValueError(
-            f"{gc.init_from} holds a model unlike config.model: train GRPO with the model "
-            "config of that run (its model_config.json)"
-        )
-    step = None if gc.init_step < 0 else gc.init_step
-    return ckpt.load_params(gc.init_from, step, shardings)[1]
+    # Any checkpoint of the same architecture (execution fields such as scan_unroll may differ).
+    step = "" if gc.init_step < 0 else f":{gc.init_step}"
+    return read_weights(f"{gc.init_from}{step}", cfg, shardings)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

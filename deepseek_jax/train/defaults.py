@@ -57,5 +57,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.train.keep = 3
     config.train.async_checkpoint = True
     config.train.run_dir = "runs/default"
+    # Start from these weights (HF dir, hub id, or run dir[:step]) instead of a random init;
+    # their architecture must be config.model's. A run that has saved resumes instead.
+    config.train.init_from = ""
     config.train.compilation_cache = ""  # a folder: compiled steps are reused across runs
     return config

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepseek_jax.checkpoint import orbax as ckpt
+from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline
 from deepseek_jax.parallel import rules
@@ -121,6 +122,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if manager.latest_step() is not None:
         state = ckpt.restore(manager, state, data_iter)
         tqdm.write(f"resumed {tc.run_dir} at step {int(state.step)}")
+    elif tc.get("init_from"):  # a fresh run from existing weights: HF dir, hub id, run[:step]
+        state = state.replace(params=read_weights(tc.init_from, cfg, shardings.params))
+        tqdm.write(f"params from {tc.init_from}")
 
     train_step = steps.make_train_step(
         cfg, optimizer, opt.schedule(config.optimizer, tc.steps), mesh, shardings, tc.micro_steps
