@@ -60,6 +60,8 @@ CONFIGS = {
     "tied_two_dense": dj.ModelConfig(**SMALL).replace(
         tie_word_embeddings=True, first_k_dense_replace=2
     ),
+    # Blocks of 8: the 31-token forward runs blockwise, decode reads the cache in 4 blocks.
+    "blocks_of_8": dj.ModelConfig(**SMALL).replace(attention_block_size=8),
 }
 
 

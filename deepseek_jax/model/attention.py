@@ -111,6 +111,13 @@ def _masked_scores(q_i, k_j, pos_i, index_j, seg_i, seg_j, scale):
 
 def _forward(q_BTHK, k_BSGK, v_BSGV, q_positions_BT, segment_ids_BT, scale, bq, bk):
     """Online softmax. Returns o [B, T, H, V] (input dtype) and lse [B, H, T] float32."""
+    # Inside an outer scan under grad (the layer stack), JAX's partial evaluation hoists
+    # whatever does not vary with the layer (the masks, from positions alone) out of these
+    # loops as stacked [n_q, n_k, B, H, bq, bk] residuals: 6 GiB for a 16K-token step,
+    # measured. Tying every input to q makes all of it vary with the layer.
+    q_BTHK, k_BSGK, v_BSGV, q_positions_BT, segment_ids_BT = jax.lax.optimization_barrier(
+        (q_BTHK, k_BSGK, v_BSGV, q_positions_BT, segment_ids_BT)
+    )
     b, _, h, _ = q_BTHK.shape
     dv = v_BSGV.shape[-1]
     n_k = k_BSGK.shape[1] // bk
@@ -162,7 +169,8 @@ def _probs_and_ds(q_i, k_j, v_j, do_i, pos_i, index_j, seg_i, seg_j, lse_i, delt
 
 
 def _backward(scale, bq, bk, residuals, do_BTHV):
-    q_BTHK, k_BSGK, v_BSGV, q_positions_BT, segment_ids_BT, o_BTHV, lse_BHT = residuals
+    residuals = jax.lax.optimization_barrier((*residuals, do_BTHV))  # as in _forward
+    q_BTHK, k_BSGK, v_BSGV, q_positions_BT, segment_ids_BT, o_BTHV, lse_BHT, do_BTHV = residuals
     n_q, n_k = q_BTHK.shape[1] // bq, k_BSGK.shape[1] // bk
     h = _heads(k_BSGK)
     do_BTHV = do_BTHV.astype(jnp.float32)
