@@ -96,6 +96,9 @@ class ModelConfig:
     # out of the stacked array (12% of the `tiny` train step on the CPU, measured); compile
     # time grows with it, so deep models keep 1.
     scan_unroll: int = 1
+    # Keys (and queries) per attention block once a sequence outgrows one block: no
+    # [B, H, T, S] array is then written (model/attention.py). None: the platform's default.
+    attention_block_size: int | None = None
 
     def __post_init__(self):
         positive = (
@@ -152,6 +155,11 @@ class ModelConfig:
                 raise UserError(f"{name}={getattr(self, name)!r}: choose one of {DTYPES}")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be >= 1 (1: no unrolling)")
+        if self.attention_block_size is not None and self.attention_block_size <= 0:
+            raise UserError(
+                f"attention_block_size={self.attention_block_size}: must be a positive "
+                "integer, or None for the platform's default"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
         if isinstance(self.rope_scaling, dict):
@@ -386,6 +394,7 @@ HF_FIELDS = (
     Row("param_dtype", X),
     Row("remat_policy", X),
     Row("scan_unroll", X),
+    Row("attention_block_size", X),
 )
 KINDS = {row.name: row.kind for row in HF_FIELDS}
 # HF fields of variants we do not implement, with the one value we do: any other is refused.

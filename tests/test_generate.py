@@ -19,14 +19,9 @@ from deepseek_jax.generate.cache import (
     latent_bytes_per_token,
     nbytes,
 )
-from deepseek_jax.generate.loop import (
-    decode_step,
-    generate_padded,
-    pad_prompts,
-    prefill,
-    unstack_layers,
-)
+from deepseek_jax.generate.loop import decode_step, generate_padded, pad_prompts, prefill
 from deepseek_jax.generate.sampling import sample, top_k_filter, top_p_filter
+from deepseek_jax.model.transformer import unstack_params
 
 # Every size distinct, so that a shape in the decode program says which axes it has.
 SMALL = dict(
@@ -65,6 +60,8 @@ CONFIGS = {
     "tied_two_dense": dj.ModelConfig(**SMALL).replace(
         tie_word_embeddings=True, first_k_dense_replace=2
     ),
+    # Blocks of 8: the 31-token forward runs blockwise, decode reads the cache in 4 blocks.
+    "blocks_of_8": dj.ModelConfig(**SMALL).replace(attention_block_size=8),
 }
 
 
@@ -79,7 +76,7 @@ jit_prefill = jax.jit(prefill, static_argnames=("cfg", "cache_len"))
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def jit_decode(cfg, params, tokens, positions, cache):
-    return decode_step(cfg, params, unstack_layers(params), tokens, positions, cache)
+    return decode_step(cfg, unstack_params(cfg, params), tokens, positions, cache)
 
 
 def test_cache_holds_only_latents():
@@ -120,7 +117,7 @@ def test_decode_never_expands_the_cache():
     slots, batch = 37, 2
     cache = dj.init_cache(cfg, batch, slots)
     tokens, positions = jnp.zeros(batch, jnp.int32), jnp.full(batch, 3, jnp.int32)
-    step = functools.partial(decode_step, cfg, params, unstack_layers(params))
+    step = functools.partial(decode_step, cfg, unstack_params(cfg, params))
     jaxpr = jax.make_jaxpr(step)(tokens, positions, cache)
     head_dims = {cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_head_dim}
     shapes = set(all_shapes(jaxpr.jaxpr))

@@ -20,7 +20,6 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 import deepseek_jax as dj
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.rope import inv_frequencies, rope_cos_sin, softmax_scale
-from deepseek_jax.model.transformer import attention_mask
 
 # The published V2 rope: factor 40 over an original 4096 context, mscale 0.707 both ways.
 V2_YARN = {
@@ -50,13 +49,14 @@ def causal_additive_mask(t: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_mla_matches_hf_attention(tmp_path, name):
-    """Expanded (prefill) and absorbed (decode, latent cache) forms both equal HF's attention."""
+    """Expanded (prefill) and absorbed (decode, latent cache) forms both equal HF's attention,
+    on the plain path and in blocks of 16 keys (and queries), out to position 63."""
     hf_model = build_hf(tmp_path, num_hidden_layers=1, **VARIANTS[name])
     cfg, params = dj.load_hf(tmp_path)
     attn_params = jax.tree.map(lambda a: a[0], params["dense_layers"]["attn"])  # layer 0
-    b, t, offset = 2, 24, 40
+    b, t, offset = 2, 64, 40
     x = np.random.RandomState(0).randn(b, t, cfg.hidden_size).astype(np.float32)
-    positions = np.broadcast_to(np.arange(t) + offset, (b, t))
+    positions = np.broadcast_to(np.arange(t), (b, t))
 
     with torch.no_grad():
         x_pt, pos_pt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(positions))
@@ -67,22 +67,30 @@ def test_mla_matches_hf_attention(tmp_path, name):
     expected = expected.numpy()
 
     cos, sin = rope_cos_sin(cfg, jnp.asarray(positions))
-    mla = MLA(cfg)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    ours, latents = mla.apply({"params": attn_params}, x, cos, sin, mask)
-    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=0)
-    assert latents.shape == (b, t, cfg.latent_cache_dim)
+    for block in (None, 16):
+        mla = MLA(cfg.replace(attention_block_size=block))
+        ours, latents = mla.apply({"params": attn_params}, x, cos, sin, jnp.asarray(positions))
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=0)
+        assert latents.shape == (b, t, cfg.latent_cache_dim)
 
-    # Decode form: the latents go into a cache whose slot index is the position; the slots
-    # before `offset` hold no token here, so they are masked out too.
-    cache = jnp.zeros((b, offset + t, cfg.latent_cache_dim), jnp.float32)
-    decode_mask = attention_mask(jnp.asarray(positions), None, offset + t)
-    decode_mask &= jnp.arange(offset + t) >= offset
-    absorbed, cache = mla.apply(
-        {"params": attn_params}, x, cos, sin, decode_mask, jnp.asarray(positions), cache
-    )
-    np.testing.assert_allclose(np.asarray(absorbed), expected, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(np.asarray(cache[:, offset:]), np.asarray(latents))
+        # Decode form: the first `offset` latents are in the cache (slot index = position),
+        # the last t - offset tokens are written at their positions and read it all back.
+        cache = (
+            jnp.zeros((b, t, cfg.latent_cache_dim), jnp.float32)
+            .at[:, :offset]
+            .set(latents[:, :offset])
+        )
+        new = slice(offset, t)
+        absorbed, cache = mla.apply(
+            {"params": attn_params},
+            x[:, new],
+            cos[:, new],
+            sin[:, new],
+            jnp.asarray(positions[:, new]),
+            cache=cache,
+        )
+        np.testing.assert_allclose(np.asarray(absorbed), expected[:, new], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(cache), np.asarray(latents), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -35,9 +35,8 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import batch
 from deepseek_jax.generate.cache import write_prefix
 from deepseek_jax.generate.sampling import check_settings, sample, sampled_logprobs
-from deepseek_jax.model.layers import RMSNorm
-from deepseek_jax.model.rope import rope_cos_sin
-from deepseek_jax.model.transformer import Block, DeepSeekV2, attention_mask, init_cache
+from deepseek_jax.model.attention import default_block
+from deepseek_jax.model.transformer import DeepSeekV2, init_cache, unstack_params
 from deepseek_jax.parallel import placement, rules
 
 # stream(step, tokens_B): called on the host as each step's tokens leave the device.
@@ -104,12 +103,21 @@ def prefill(
     cfg: ModelConfig, params: dict, tokens_BP, lengths_B, cache_len: int, mesh: Mesh | None = None
 ) -> tuple[jnp.ndarray, dict]:
     """Full forward over right-padded prompts. Returns the logits [B, V] at each row's last
-    real position and a cache of `cache_len` slots whose first P hold the prompts' latents."""
+    real position (the only ones computed) and a cache of `cache_len` slots whose first P hold
+    the prompts' latents."""
     b, p = tokens_BP.shape
-    out = DeepSeekV2(cfg, mesh=moe_mesh(mesh, b)).apply({"params": params}, tokens_BP)
-    logits_BV = out.logits[jnp.arange(b), lengths_B - 1]
+    out = DeepSeekV2(cfg, mesh=moe_mesh(mesh, b)).apply(
+        {"params": params}, tokens_BP, logits_at_BK=(lengths_B - 1)[:, None]
+    )
     cache = write_prefix(init_cache(cfg, b, cache_len), out.cache)
-    return logits_BV, place_cache(mesh, cache)
+    return out.logits[:, 0], place_cache(mesh, cache)
+
+
+def cache_slots(cfg: ModelConfig, length: int) -> int:
+    """Slots for `length` positions, rounded up to whole attention blocks once it exceeds one,
+    so the blocked decode reads the cache as it is instead of padding a copy every step."""
+    block = cfg.attention_block_size or default_block()
+    return length if length <= block else -(-length // block) * block
 
 
 def place_cache(mesh: Mesh | None, cache: dict) -> dict:
@@ -117,29 +125,9 @@ def place_cache(mesh: Mesh | None, cache: dict) -> dict:
     return jax.tree.map(lambda x: place(mesh, x, logical), cache)
 
 
-STACKS = (("dense", False), ("moe", True))
-
-
-def unstack_layers(params: dict) -> dict:
-    """{"dense": [per-layer params, ...], "moe": [...]}: each layer's weights as their own arrays.
-
-    Done once before the decode loop. Inside it, the model's `nn.scan` would slice every
-    layer's weights out of the stacked arrays at every step, and XLA:CPU copies such slices
-    before a matmul: ~30% of a `small` decode step (measured), for nothing.
-    """
-    layers = {}
-    for key, _ in STACKS:
-        stacked = params.get(f"{key}_layers")
-        if stacked is not None:
-            n = jax.tree.leaves(stacked)[0].shape[0]
-            layers[key] = [jax.tree.map(lambda w, l=l: w[l], stacked) for l in range(n)]
-    return layers
-
-
 def decode_step(
     cfg: ModelConfig,
-    params: dict,
-    layers: dict,
+    layer_params: dict,
     tokens_B,
     positions_B,
     cache: dict,
@@ -147,31 +135,15 @@ def decode_step(
 ) -> tuple[jnp.ndarray, dict]:
     """One token per row at `positions_B`: logits [B, V] and the updated cache.
 
-    The model's own blocks, applied one at a time to `layers = unstack_layers(params)`, each
-    with its cache [B, S, C + R]: MLA's absorbed form over the latents. Embedding, final norm
-    and head as in `DeepSeekV2`; tests hold every position's logits to the full forward's.
+    The model itself with `scan_layers=False` on `layer_params = unstack_params(cfg, params)`
+    (split once, before the loop): MLA's absorbed form over the latent cache [B, S, C + R] of
+    each layer. Tests hold every position's logits to the full forward's.
     """
-    positions_BT = positions_B[:, None]
-    x = params["embed"]["embedding"].astype(cfg.dtype)[tokens_B][:, None]  # B1D
-    cos, sin = rope_cos_sin(cfg, positions_BT)
-    mask = attention_mask(positions_BT, None, next(iter(cache.values())).shape[2])
-    new_cache = {}
-    for key, moe in STACKS:
-        if key not in layers:
-            continue
-        written = []
-        for l, layer in enumerate(layers[key]):
-            x, (latents, _) = Block(cfg, moe, mesh=moe_mesh(mesh, len(tokens_B))).apply(
-                {"params": layer}, x, cos, sin, mask, positions_BT, cache[key][l]
-            )
-            written.append(latents)
-        new_cache[key] = jnp.stack(written)
-    x = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    if cfg.tie_word_embeddings:
-        logits = x @ params["embed"]["embedding"].astype(cfg.dtype).T
-    else:
-        logits = x @ params["lm_head"].astype(cfg.dtype)
-    return logits[:, 0], place_cache(mesh, new_cache)
+    model = DeepSeekV2(cfg, mesh=moe_mesh(mesh, len(tokens_B)), scan_layers=False)
+    out = model.apply(
+        {"params": layer_params}, tokens_B[:, None], positions_B[:, None], cache=cache
+    )
+    return out.logits[:, 0], place_cache(mesh, out.cache)
 
 
 def stop_at_eos(tokens_B, done_B, eos: int | None):
@@ -219,7 +191,7 @@ def generate_padded(
     choose = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
     tokens_BP = place(mesh, tokens_BP, ("batch", "length"))
 
-    logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, p + n, mesh)
+    logits_BV, cache = prefill(cfg, params, tokens_BP, lengths_B, cache_slots(cfg, p + n), mesh)
     first_B, done_B = stop_at_eos(
         choose(logits_BV, jax.random.fold_in(rng, 0)), jnp.zeros(b, bool), eos
     )
@@ -232,11 +204,12 @@ def generate_padded(
         i, _, _, _, done_B, _ = state
         return (i < n) & ~jnp.all(done_B)
 
-    layers = unstack_layers(params)
+    layer_params = unstack_params(cfg, params)
 
     def step(state):
         i, out_BN, logp_BN, last_B, done_B, cache = state
-        logits_BV, cache = decode_step(cfg, params, layers, last_B, lengths_B + i - 1, cache, mesh)
+        positions_B = lengths_B + i - 1
+        logits_BV, cache = decode_step(cfg, layer_params, last_B, positions_B, cache, mesh)
         next_B, done_B = stop_at_eos(choose(logits_BV, jax.random.fold_in(rng, i)), done_B, eos)
         if stream is not None:
             jax.debug.callback(stream, i, next_B, ordered=True)

@@ -26,25 +26,21 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.model.attention import attend
 from deepseek_jax.model.layers import RMSNorm, weight
 from deepseek_jax.model.rope import apply_rope, softmax_scale
-
-NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
-
-
-def attend(scores_BHTS: jnp.ndarray, mask_BTS: jnp.ndarray) -> jnp.ndarray:
-    """Masked softmax in float32 over keys."""
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), NEG_INF)
-    return jax.nn.softmax(scores_BHTS, axis=-1)
 
 
 class MLA(nn.Module):
     """MLA over x [B, T, D]. Returns the output [B, T, D] and the latent cache of this call.
 
-    `cache` None: expanded attention among the T positions under `mask` [B, T, T]; the
-    returned latents [B, T, C + R] are what a prefill writes to the cache.
+    `cache` None: expanded attention among the T positions, causal by index and confined to
+    a document by `segment_ids` [B, T] (packed sequences); the returned latents [B, T, C + R]
+    are what a prefill writes to the cache.
     `cache` [B, S, C + R]: the new latents are written at `positions` (cache index = position),
-    then absorbed attention over all S slots under `mask` [B, T, S]; returns the updated cache.
+    then absorbed attention over the slots up to each query's position; returns the updated
+    cache. Both read keys in blocks of `cfg.attention_block_size` once S exceeds it
+    (`model/attention.py`), so no [B, H, T, S] array exists.
     """
 
     cfg: ModelConfig
@@ -82,9 +78,10 @@ class MLA(nn.Module):
         k_r = apply_rope(x_BTD @ self.w_kr, cos, sin)  # BTR
         return jnp.concatenate([c_kv, k_r], axis=-1)
 
-    def __call__(self, x_BTD, cos, sin, mask, positions_BT=None, cache=None):
-        c = self.cfg.kv_lora_rank
-        scale = softmax_scale(self.cfg)
+    def __call__(self, x_BTD, cos, sin, positions_BT, segment_ids_BT=None, cache=None):
+        cfg = self.cfg
+        c, block = cfg.kv_lora_rank, cfg.attention_block_size
+        scale = softmax_scale(cfg)
         q_c, q_r = self.queries(x_BTD, cos, sin)
         new_latents = self.latents(x_BTD, cos, sin)
 
@@ -96,19 +93,33 @@ class MLA(nn.Module):
                 q = jnp.concatenate([q_c, q_r], axis=-1)  # (16)
                 k_r = jnp.broadcast_to(k_r[:, :, None], (*k_c.shape[:3], k_r.shape[-1]))
                 k = jnp.concatenate([k_c, k_r], axis=-1)  # (17)
-                scores = jnp.einsum("BTHK,BSHK->BHTS", q, k)
-                probs = attend(scores * scale, mask).astype(v_c.dtype)
-                o = jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (18)
+                # Causal by index: packed documents restart their positions, segments split them.
+                index_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
+                o = attend(  # (18)
+                    q,
+                    k,
+                    v_c,
+                    scale=scale,
+                    q_positions_BT=index_BT,
+                    segment_ids_BT=segment_ids_BT,
+                    block=block,
+                )
             return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (19)
 
         with jax.named_scope("mla_absorbed"):
             rows = jnp.arange(x_BTD.shape[0])[:, None]
             cache = cache.at[rows, positions_BT].set(new_latents.astype(cache.dtype))
-            c_kv, k_r = cache[..., :c].astype(x_BTD.dtype), cache[..., c:].astype(x_BTD.dtype)
+            latents_BS1L = cache[:, :, None].astype(x_BTD.dtype)  # one key head shared by all
             q_latent = jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk)  # W_UK absorbed into q
-            scores = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_kv)
-            scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
-            probs = attend(scores * scale, mask).astype(c_kv.dtype)
-            o_latent = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv)
+            # [q W_UK | q_R] . [c_KV | k_R] = q_C . k_C + q_R . k_R: (18)'s scores, read from
+            # the latents in blocks; the values are the c_KV part of the same latents.
+            o_latent = attend(
+                jnp.concatenate([q_latent, q_r], axis=-1),
+                latents_BS1L,
+                latents_BS1L[..., :c],
+                scale=scale,
+                q_positions_BT=positions_BT,
+                block=block,
+            )
             o = jnp.einsum("BTHC,CHV->BTHV", o_latent, self.w_uv)  # W_UV absorbed into output
         return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), cache

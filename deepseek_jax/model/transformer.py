@@ -12,7 +12,8 @@ L layers, C + R latent-cache width.
 Attention is causal within a sequence. `segment_ids` [B, T] (packed documents) confine it to
 one document; give `positions` that restart at each document. With `cache` (a dict of
 [L, B, S, C + R] latents from `init_cache`), the new tokens are written at their positions and
-attention runs in MLA's absorbed form over the cache: that is the decode step.
+attention runs in MLA's absorbed form over the cache: that is the decode step
+(`deepseek_jax.generate` runs it with `scan_layers=False` on `unstack_params(params)`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE, MoEAux
@@ -74,12 +76,17 @@ class Block(nn.Module):
     train: bool = False  # the train step's call: the MoE may drop tokens (paper 2.2.4)
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
+    def __call__(self, x_BTD, cos, sin, positions_BT, segment_ids_BT, cache_BSL):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, self.mesh, RESIDUAL)
         with jax.named_scope("mla"):
             h, latents = MLA(cfg, name="attn")(
-                RMSNorm(cfg, name="attn_norm")(x_BTD), cos, sin, mask, positions_BT, cache_BSL
+                RMSNorm(cfg, name="attn_norm")(x_BTD),
+                cos,
+                sin,
+                positions_BT,
+                segment_ids_BT,
+                cache_BSL,
             )
         x_BTD = x_BTD + h
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
@@ -109,10 +116,10 @@ def stack(
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(
-            nn.broadcast,
-            nn.broadcast,
-            nn.broadcast,
-            nn.broadcast,
+            nn.broadcast,  # cos
+            nn.broadcast,  # sin
+            nn.broadcast,  # positions
+            nn.broadcast,  # segment ids
             0 if with_cache else nn.broadcast,
         ),
         length=length,
@@ -122,33 +129,41 @@ def stack(
     return scanned(cfg, moe, mesh, train, name=name)
 
 
-def attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jnp.ndarray:
-    """[B, T, S] booleans: which keys each query may see."""
-    if cache_len is not None:  # cache slot index == position
-        return jnp.arange(cache_len)[None, None, :] <= positions_BT[:, :, None]
-    t = positions_BT.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    if segment_ids_BT is not None:
-        mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    return mask
-
-
 class DeepSeekV2(nn.Module):
     """DeepSeek-V2 causal LM: tokens [B, T] int -> Output.
 
     With a `mesh` (`deepseek_jax.parallel.mesh.make_mesh`), the MoE layers dispatch their routed
     experts by all-to-all over its "expert" axis; B * T must split over the "batch" rule's axes.
+
+    `scan_layers=False` applies the same blocks one by one to per-layer params
+    (`unstack_params`): the decode loop's form, where XLA:CPU would otherwise copy each layer's
+    weights out of the stacked arrays at every step (~30% of a `small` decode step, measured).
+    `logits_at_BK` [B, K] int: compute the head only at these positions (logits [B, K, V]),
+    as a prefill that needs one row of logits per prompt does.
     """
 
     cfg: ModelConfig
     mesh: Mesh | None = None
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
-        self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, train=False
+        self,
+        tokens_BT,
+        positions_BT=None,
+        segment_ids_BT=None,
+        cache=None,
+        logits_at_BK=None,
+        train=False,
     ) -> Output:
         cfg = self.cfg
         b, t = tokens_BT.shape
+        if t > cfg.max_position_embeddings:
+            raise UserError(
+                f"a sequence of {t} tokens is longer than max_position_embeddings="
+                f"{cfg.max_position_embeddings}: shorten it, or use a config with a longer "
+                "context (rope_scaling / YaRN)"
+            )
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
         embed = nn.Embed(
@@ -163,23 +178,28 @@ class DeepSeekV2(nn.Module):
         )
         x = embed(tokens_BT)
         cos, sin = rope_cos_sin(cfg, positions_BT)
-        cache_len = None if cache is None else next(iter(cache.values())).shape[2]
-        mask = attention_mask(positions_BT, segment_ids_BT, cache_len)
 
         new_cache, moe_aux = {}, None
-        for key, moe, length in (
-            ("dense", False, cfg.first_k_dense_replace),
-            ("moe", True, cfg.num_moe_layers),
-        ):
-            if length == 0:
-                continue
-            layers = stack(cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train)
-            x, (new_cache[key], aux) = layers(
-                x, cos, sin, mask, positions_BT, None if cache is None else cache[key]
-            )
+        for key, moe, length in stacks(cfg):
+            cache_L = None if cache is None else cache[key]
+            args = (cos, sin, positions_BT, segment_ids_BT)
+            if self.scan_layers:
+                layers = stack(
+                    cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train
+                )
+                x, (new_cache[key], aux) = layers(x, *args, cache_L)
+            else:
+                per_layer = []
+                for l in range(length):
+                    block = Block(cfg, moe, self.mesh, train, name=f"{key}_layers_{l}")
+                    x, out = block(x, *args, None if cache is None else cache_L[l])
+                    per_layer.append(out)
+                new_cache[key], aux = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
             if moe:
                 moe_aux = aux
 
+        if logits_at_BK is not None:
+            x = jnp.take_along_axis(x, logits_at_BK[..., None], axis=1)  # BKD
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
@@ -194,6 +214,23 @@ class DeepSeekV2(nn.Module):
             )
             logits = x @ head.astype(cfg.dtype)
         return Output(logits=logits, aux=summarize_aux(cfg, moe_aux), cache=new_cache)
+
+
+def stacks(cfg: ModelConfig) -> list[tuple[str, bool, int]]:
+    """(cache key, is MoE, layers) of each non-empty stack, in order: dense first, then MoE."""
+    both = (("dense", False, cfg.first_k_dense_replace), ("moe", True, cfg.num_moe_layers))
+    return [(key, moe, length) for key, moe, length in both if length]
+
+
+def unstack_params(cfg: ModelConfig, params: dict) -> dict:
+    """The params of `DeepSeekV2(cfg, scan_layers=False)`: each stacked `{key}_layers` tree
+    [L, ...] split into `{key}_layers_{l}` trees, one per layer; other params as they are."""
+    flat = {k: v for k, v in params.items() if not k.endswith("_layers")}
+    for key, _, length in stacks(cfg):
+        stacked = params[f"{key}_layers"]
+        for l in range(length):
+            flat[f"{key}_layers_{l}"] = jax.tree.map(lambda w, l=l: w[l], stacked)
+    return flat
 
 
 def summarize_aux(cfg: ModelConfig, per_layer: MoEAux | None) -> Aux:
@@ -216,11 +253,8 @@ def summarize_aux(cfg: ModelConfig, per_layer: MoEAux | None) -> Aux:
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """Zeroed latent cache: {"dense": [L_dense, B, S, C+R], "moe": [L_moe, B, S, C+R]}."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    sizes = {"dense": cfg.first_k_dense_replace, "moe": cfg.num_moe_layers}
     return {
-        key: jnp.zeros((n, batch, length, cfg.latent_cache_dim), dtype)
-        for key, n in sizes.items()
-        if n
+        key: jnp.zeros((n, batch, length, cfg.latent_cache_dim), dtype) for key, _, n in stacks(cfg)
     }
 
 
