@@ -96,7 +96,9 @@ def test_killed_mid_save_resumes_from_the_step_before_bitwise_and_logs_each_step
         key = "loss" if kind == "train" else "eval_loss"
         expected = [r[key] for r in read(straight.train.run_dir) if r["kind"] == kind]
         assert [r[key] for r in once] == expected
-    starts = [e.step for e in tensorboard_events(resumed.train.run_dir) if e.HasField("session_log")]
+    starts = [
+        e.step for e in tensorboard_events(resumed.train.run_dir) if e.HasField("session_log")
+    ]
     assert starts == [4]  # TensorBoard hides the killed run's events from step 4 on
 
 

@@ -297,7 +297,9 @@ class Checkpoints:
         """Starts saving `state` (a TrainState) and the iterator's position. Waits (bounded) for
         the previous save first, as orbax does, so a failed save stops the run at the next."""
         step = int(state.step)
-        self.bounded(step, self.manager.wait_until_finished)
+        self.bounded(
+            step if self.pending is None else self.pending, self.manager.wait_until_finished
+        )
         if self.pending is not None:
             self.complete, self.pending = self.pending, None
         self.bounded(step, lambda: save(self.manager, state, data_iterator))

@@ -79,9 +79,18 @@ class RunContext:
         self.checkpoints: ckpt.Checkpoints | None = None
         self.log: MetricsLog | Silent = Silent()
 
-    def start(self, cfg: ModelConfig, tokenizer: str, config: dict, state, data_iterator):
+    def start(
+        self,
+        cfg: ModelConfig,
+        tokenizer: str,
+        config: dict,
+        state,
+        data_iterator,
+        updates_per_step: int = 1,
+    ):
         """Writes the run's info files, resumes from the newest checkpoint that restores
-        (moving the iterator to its position) and opens the metrics log from there on.
+        (moving the iterator to its position) and opens the metrics log from there on (its
+        steps are the loop's: optimizer updates / `updates_per_step`).
         Returns the state to train from."""
         settings = self.settings
         if self.primary:
@@ -92,7 +101,7 @@ class RunContext:
         restored = self.checkpoints.restore_latest(state, data_iterator, report=tqdm.write)
         resumed = None
         if restored is not None:
-            state, resumed = restored, int(restored.step)
+            state, resumed = restored, int(restored.step) // updates_per_step
             tqdm.write(f"resumed {settings.run_dir} at step {resumed}")
         if self.primary:
             self.log = MetricsLog(settings.run_dir, resumed)

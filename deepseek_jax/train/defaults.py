@@ -56,6 +56,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.train.save_every = 1000
     config.train.keep = 3
     config.train.async_checkpoint = True
+    config.train.save_timeout_s = 1800.0  # longest wait on one checkpoint call, then stop
     config.train.run_dir = "runs/default"
     config.train.compilation_cache = ""  # a folder: compiled steps are reused across runs
     return config
