@@ -155,24 +155,22 @@ def remove_data_state(step_dir: str) -> None:
         os.remove(path)
 
 
-@pytest.mark.parametrize("damage", [break_params, remove_data_state])
-def test_a_step_that_does_not_restore_is_set_aside_and_the_one_before_used(
-    tmp_path, capsys, damage
-):
+def test_a_step_that_does_not_restore_is_set_aside_and_the_one_before_used(tmp_path, capsys):
     config = small_config(tmp_path, steps=4, save_every=2, eval_every=100, log_every=1)
     config.train.async_checkpoint = False
     run(config)
     checkpoints = os.path.join(config.train.run_dir, "checkpoints")
-    damage(os.path.join(checkpoints, "4"))
-    capsys.readouterr()
-
-    config.train.steps = 6
-    run(config)
-    out = capsys.readouterr().out
-    lines = [x for x in out.splitlines() if "does not restore" in x]
-    assert len(lines) == 1 and lines[0].startswith(f"checkpoint step 4 in {checkpoints} does")
-    assert f"resumed {config.train.run_dir} at step 2" in out
-    assert os.path.isdir(os.path.join(checkpoints, BROKEN, "4"))  # kept for inspection
-    assert sorted(os.listdir(checkpoints)) == ["2", "4", "6", BROKEN]
+    for damage, step, steps in ((break_params, 4, 6), (remove_data_state, 6, 8)):
+        damage(os.path.join(checkpoints, str(step)))
+        capsys.readouterr()
+        config.train.steps = steps
+        run(config)
+        out = capsys.readouterr().out
+        lines = [x for x in out.splitlines() if "does not restore" in x]
+        assert len(lines) == 1, out
+        assert lines[0].startswith(f"checkpoint step {step} in {checkpoints} does not restore (")
+        assert f"resumed {config.train.run_dir} at step {step - 2}" in out
+        assert os.path.isdir(os.path.join(checkpoints, BROKEN, str(step)))  # kept, set aside
+    assert sorted(os.listdir(checkpoints)) == ["4", "6", "8", BROKEN]  # keep=3
     train = [r["step"] for r in read(config.train.run_dir) if r["kind"] == "train"]
-    assert train == [1, 2, 3, 4, 5, 6]
+    assert train == list(range(1, 9))

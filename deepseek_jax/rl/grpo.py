@@ -107,11 +107,11 @@ def grpo_step(setup: Setup, state: TrainState, indices: np.ndarray, seed: int):
         old_logp=rollouts.on_mesh(mesh, np.zeros(mask.shape, np.float32)),
         ref_logp=setup.reference_logp(setup.reference, tokens, starts),
         advantages=rollouts.on_mesh(mesh, advantages),
-        first_update=jnp.array(True),
+        first_update=rollouts.replicated(mesh, True),
     )
     for _ in range(settings.updates):
         state, metrics, old_logp = setup.update(state, batch)
-        batch = batch.replace(old_logp=old_logp, first_update=jnp.array(False))
+        batch = batch.replace(old_logp=old_logp, first_update=rollouts.replicated(mesh, False))
     metrics = jax.device_get(metrics)
     learn_s = time.perf_counter() - start
     return state, {

@@ -100,6 +100,13 @@ def on_mesh(mesh: Mesh, x: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
+def replicated(mesh: Mesh, value) -> jax.Array:
+    """A scalar every device of every process holds (a global array, as a multi-process jit
+    needs its inputs)."""
+    scalar = np.asarray(value)
+    return jax.make_array_from_callback((), NamedSharding(mesh, P()), lambda _: scalar)
+
+
 def sample_answers(
     cfg: ModelConfig,
     params,
