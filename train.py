@@ -22,6 +22,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax import errors
 from deepseek_jax.parallel.mesh import start_processes
 from deepseek_jax.rl import grpo, sft
 from deepseek_jax.train import loop
@@ -36,8 +37,10 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. N - 1")
+flags.DEFINE_bool("debug", False, "show the traceback of an error (errors.report_errors reads it)")
 
 
+@errors.report_errors("train.py")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.<field>=<value>")

@@ -1,6 +1,6 @@
 """SFT then GRPO on a verifiable task, on a 2-core CPU: a byte-level model learns a + b,
 zero-padded and answering least-significant digit first ("012+039" -> "1500", the reversed
-0051; reward "reversed_sum" in deepseek_jax.rl.grpo).
+0051; reward "reversed_sum" in deepseek_jax.rl.rewards).
 
     python bench/addition_demo.py --out runs/addition
 
@@ -34,7 +34,7 @@ from configs import grpo as grpo_config  # noqa: E402
 from configs import sft as sft_config  # noqa: E402
 from deepseek_jax.checkpoint import orbax as ckpt  # noqa: E402
 from deepseek_jax.data.tokenizers import ByteTokenizer  # noqa: E402
-from deepseek_jax.rl import grpo, sft  # noqa: E402
+from deepseek_jax.rl import grpo, rewards, sft  # noqa: E402
 from deepseek_jax.train.metrics import read  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def accuracy(run_dir: str, pairs: list[tuple], digits: int, step: int | None = N
         for a, b in pairs
     ]
     new = np.asarray(dj.generate(cfg, params, prompts, max_new_tokens=8, eos=tok.eos_id))
-    reward = grpo.reward_fn("reversed_sum")
+    reward = rewards.reward_fn("reversed_sum")
     right = 0
     for (a, b), row in zip(pairs, new, strict=True):
         answer = tok.decode(

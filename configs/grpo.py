@@ -1,5 +1,5 @@
 """GRPO (mode "grpo") from an SFT run: G samples per prompt from the policy being trained, on
-the training mesh; rewards from a registered function (`deepseek_jax.rl.grpo.REWARDS`).
+the training mesh; rewards from a registered function (`deepseek_jax.rl.rewards.REWARDS`).
 
     python train.py --config configs/grpo.py --config.grpo.init_from=runs/sft
 """
@@ -23,7 +23,7 @@ def get_config():
     config.grpo = ml_collections.ConfigDict()
     config.grpo.init_from = "runs/sft"  # the run whose params start the policy and reference
     config.grpo.init_step = -1  # its checkpoint to start from; -1: the latest
-    config.grpo.reward = "reversed_sum"  # a name in deepseek_jax.rl.grpo.REWARDS
+    config.grpo.reward = "reversed_sum"  # a name in deepseek_jax.rl.rewards.REWARDS
     config.grpo.prompts_per_step = 16  # P
     config.grpo.group_size = 8  # G
     config.grpo.max_new_tokens = 6

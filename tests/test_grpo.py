@@ -1,4 +1,5 @@
-"""GRPO: the sampler's log-probs are a teacher-forced forward's, one update on a toy raises the
+"""GRPO: the sampler's log-probs are a teacher-forced forward's, the first update's ratio is
+exactly 1 in bf16 (pi_old from the update's own forward), one update on a toy raises the
 rewarded answer's log-prob and lowers the others', rewards are pluggable, and SFT then GRPO
 run end to end from configs/sft.py and configs/grpo.py through train.py's dispatch."""
 
@@ -13,8 +14,14 @@ from test_sft import CFG
 from train_helpers import write_additions
 
 import deepseek_jax as dj
-from deepseek_jax.rl import grpo, sft
-from deepseek_jax.rl.grpo_loss import group_advantages
+from deepseek_jax.rl import grpo, rewards, sft
+from deepseek_jax.rl import rollout as rollouts
+from deepseek_jax.rl.objective import (
+    answer_logprobs,
+    group_advantages,
+    make_reference_fn,
+    make_update_step,
+)
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.metrics import read
 
@@ -30,50 +37,84 @@ def test_sampler_logprobs_equal_teacher_forced():
     )  # fmt: skip
     new, logp = np.asarray(new), np.asarray(logp)
     assert len({tuple(r) for r in new}) > 2  # sampled, not greedy
-    tokens, starts = grpo.teacher_forced(PROMPTS, new, width=4 + 7)
-    forced, _ = grpo.answer_logprobs(CFG, params, tokens, starts, 7)
+    tokens, starts = rollouts.teacher_forced(PROMPTS, new, width=4 + 7)
+    forced, _ = answer_logprobs(CFG, params, tokens, starts, 7)
     np.testing.assert_allclose(logp, forced, atol=2e-5)
+
+
+def test_first_update_ratio_is_exactly_one_in_bf16():
+    """pi_old comes from the update's own forward: no sampler-vs-update rounding gap, which in
+    bf16 is large (checked here, so that the test could fail)."""
+    cfg = CFG.replace(dtype="bfloat16")
+    mesh = dj.make_mesh()
+    optimizer = optax.sgd(0.01)
+    state, shardings = steps.init_sharded_state(cfg, optimizer, 0, mesh)
+    prompts, n = PROMPTS, 6
+    new, sampler_logp = dj.generate(
+        cfg, state.params, [p for p in prompts for _ in range(4)], n, temperature=1.0, seed=1,
+        return_logprobs=True, mesh=mesh,
+    )  # fmt: skip
+    new = np.asarray(new)
+    tokens, starts = rollouts.teacher_forced(prompts, new, width=4 + n)
+    reference = make_reference_fn(cfg, mesh, shardings.params, n)(state.params, tokens, starts)
+    assert np.abs(np.asarray(sampler_logp) - np.asarray(reference)).max() > 1e-3
+    batch = rollouts.Rollout(
+        tokens=tokens,
+        starts=starts,
+        answer_mask=rollouts.answer_mask(new, eos=None),
+        old_logp=np.zeros(new.shape, np.float32),
+        ref_logp=reference,
+        advantages=np.tile([1.0, -1.0], len(new) // 2).astype(np.float32),
+        first_update=np.array(True),
+    )
+    update = make_update_step(cfg, optimizer, mesh, shardings, clip_eps=0.2, kl_coef=0.04)
+    state, metrics, old_logp = update(state, batch)
+    assert float(metrics["ratio_deviation"]) == 0.0 and float(metrics["clip_fraction"]) == 0.0
+    batch = batch.replace(old_logp=old_logp, first_update=np.array(False))
+    state, metrics, _ = update(state, batch)
+    assert float(metrics["ratio_deviation"]) > 0.0  # the policy moved, pi_old did not
 
 
 def test_one_step_raises_the_rewarded_answer_and_lowers_the_others():
     mesh = dj.make_mesh()
     optimizer = optax.sgd(0.01)
     state, shardings = steps.init_sharded_state(CFG, optimizer, 0, mesh)
-    update = grpo.make_update_step(CFG, optimizer, mesh, shardings, clip_eps=0.2, kl_coef=0.04)
+    update = make_update_step(CFG, optimizer, mesh, shardings, clip_eps=0.2, kl_coef=0.04)
     answers = np.array([[30, 31], [40, 41], [50, 51], [60, 61]])
-    tokens, starts = grpo.teacher_forced(PROMPTS[:1], answers, width=4 + 2)
-    before, _ = grpo.answer_logprobs(CFG, state.params, tokens, starts, 2)
-    rewards = np.array([[1.0, 0.0, 0.0, 0.0]])
-    rollout = grpo.Rollout(
+    tokens, starts = rollouts.teacher_forced(PROMPTS[:1], answers, width=4 + 2)
+    before, _ = answer_logprobs(CFG, state.params, tokens, starts, 2)
+    scores = np.array([[1.0, 0.0, 0.0, 0.0]])
+    rollout = rollouts.Rollout(
         tokens=tokens,
         starts=starts,
-        answer_mask=grpo.answer_mask(answers, eos=None),
-        old_logp=before,
+        answer_mask=rollouts.answer_mask(answers, eos=None),
+        old_logp=np.zeros(answers.shape, np.float32),
         ref_logp=before,
-        advantages=group_advantages(rewards).reshape(-1),
+        advantages=group_advantages(scores).reshape(-1),
+        first_update=np.array(True),
     )
-    state, metrics = update(state, rollout)
-    after, _ = grpo.answer_logprobs(CFG, state.params, tokens, starts, 2)
+    state, metrics, _ = update(state, rollout)
+    after, _ = answer_logprobs(CFG, state.params, tokens, starts, 2)
     change = np.asarray(after - before).sum(axis=1)
     assert change[0] > 0 and (change[1:] < 0).all(), change
     assert float(metrics["kl"]) == 0.0 and float(metrics["clip_fraction"]) == 0.0
 
 
 def test_rewards_masks_and_layout():
-    assert grpo.reward_fn("reversed_sum")("012+039", " 1500") == 1.0
-    assert grpo.reward_fn("reversed_sum")("12+39", "150") == 1.0
-    assert grpo.reward_fn("reversed_sum")("12+39", "51") == 0.0
+    assert rewards.reward_fn("reversed_sum")("012+039", " 1500") == 1.0
+    assert rewards.reward_fn("reversed_sum")("12+39", "150") == 1.0
+    assert rewards.reward_fn("reversed_sum")("12+39", "51") == 0.0
     with pytest.raises(ValueError, match="grpo.reward='nope' is not registered"):
-        grpo.reward_fn("nope")
+        rewards.reward_fn("nope")
 
-    @grpo.register_reward("length_test")
+    @rewards.register_reward("length_test")
     def length(prompt, completion):
         return float(len(completion))
 
-    assert grpo.reward_fn("length_test")("", "abc") == 3.0
-    mask = grpo.answer_mask(np.array([[5, 4, 4, 4], [5, 6, 7, 8]]), eos=4)
+    assert rewards.reward_fn("length_test")("", "abc") == 3.0
+    mask = rollouts.answer_mask(np.array([[5, 4, 4, 4], [5, 6, 7, 8]]), eos=4)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    tokens, starts = grpo.teacher_forced(PROMPTS, np.array([[1, 2]] * 4), width=6)
+    tokens, starts = rollouts.teacher_forced(PROMPTS, np.array([[1, 2]] * 4), width=6)
     assert tokens.tolist()[2] == [20, 21, 1, 2, 0, 0] and starts.tolist() == [4, 4, 2, 2]
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.rl.grpo_loss import group_advantages, grpo_loss, kl_to_reference
+from deepseek_jax.rl.objective import group_advantages, grpo_loss, kl_to_reference
 
 
 def test_advantages_zero_mean_unit_std_per_group():

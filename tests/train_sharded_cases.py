@@ -4,15 +4,15 @@ when jax starts, and the rest of the suite runs on one device)."""
 
 import grain
 import jax
-import ml_collections
 import numpy as np
+import optax
 import pytest
 from train_helpers import random_batch
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint import orbax as ckpt
-from deepseek_jax.rl import grpo
-from deepseek_jax.rl.grpo_loss import group_advantages
+from deepseek_jax.rl import rollout as rollouts
+from deepseek_jax.rl.objective import group_advantages, make_reference_fn, make_update_step
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.defaults import base_config
@@ -108,35 +108,41 @@ def test_checkpoint_restores_onto_another_mesh_and_training_continues(runs, tmp_
 
 
 def test_grpo_samples_and_updates_on_the_mesh_as_on_one_device():
-    """GRPO's sampler reads the training state where it lies on the mesh, and one update on
-    (data 2, expert 4) equals one device's: same samples, log-probs and new params."""
-    oc = base_config("tiny").optimizer
-    oc.warmup_steps = 0
-    optimizer = opt.make_optimizer(oc, 10)
+    """GRPO's sampler reads the training state where it lies on the mesh, and two updates on
+    (data 2, expert 4) equal one device's: same samples, log-probs and gradients (SGD at rate
+    1 moves the params by minus the gradient)."""
+    optimizer = optax.sgd(1.0)
     prompts = [[10 + i, 11, 12 + i] for i in range(4)]
     group, n = 4, 5
-    rewards = np.random.default_rng(0).integers(0, 2, (len(prompts), group)).astype(np.float32)
+    scores = np.random.default_rng(0).integers(0, 2, (len(prompts), group)).astype(np.float32)
     out = {}
     for name in ("one device", "data 2, expert 4"):
         mesh = dj.make_mesh(**MESHES[name])
         state, shardings = steps.init_sharded_state(CFG, optimizer, 0, mesh)
-        gc = ml_collections.ConfigDict(dict(group_size=group, max_new_tokens=n, temperature=1.0))
-        new, logp = grpo.sample_answers(CFG, state.params, prompts, gc, None, mesh, seed=3)
-        tokens, starts = grpo.teacher_forced(prompts, new, width=3 + n)
-        reference = grpo.make_reference_fn(CFG, mesh, shardings.params, n)
-        rollout = grpo.Rollout(
+        new = rollouts.sample_answers(CFG, state.params, prompts, group, n, 1.0, None, mesh, 3)
+        tokens, starts = rollouts.teacher_forced(prompts, new, width=3 + n)
+        reference = make_reference_fn(CFG, mesh, shardings.params, n)
+        batch = rollouts.Rollout(
             tokens=tokens,
             starts=starts,
-            answer_mask=grpo.answer_mask(new, eos=None),
-            old_logp=logp,
+            answer_mask=rollouts.answer_mask(new, eos=None),
+            old_logp=np.zeros(new.shape, np.float32),
             ref_logp=reference(state.params, tokens, starts),
-            advantages=group_advantages(rewards).reshape(-1),
+            advantages=group_advantages(scores).reshape(-1),
+            first_update=np.array(True),
         )
-        update = grpo.make_update_step(CFG, optimizer, mesh, shardings, 0.2, 0.04)
-        state, metrics = update(state, rollout)
-        out[name] = new, logp, state.params, float(metrics["loss"])
-    (new, logp, params, loss), (new8, logp8, params8, loss8) = out.values()
+        update = make_update_step(CFG, optimizer, mesh, shardings, 0.2, 0.04)
+        grads, losses = [], []
+        for _ in range(2):
+            before = jax.device_get(state.params)
+            state, metrics, old_logp = update(state, batch)
+            batch = batch.replace(old_logp=old_logp, first_update=np.array(False))
+            grads.append(jax.tree.map(lambda b, a: b - np.asarray(a), before, state.params))
+            losses.append(float(metrics["loss"]))
+        out[name] = new, np.asarray(old_logp), grads, losses
+    (new, logp, grads, losses), (new8, logp8, grads8, losses8) = out.values()
     np.testing.assert_array_equal(new8, new)
     np.testing.assert_allclose(logp8, logp, atol=1e-5)
-    np.testing.assert_allclose(loss8, loss, atol=1e-6)  # the loss is ~1e-3
-    assert_trees_close(params8, params, atol=1e-5)
+    np.testing.assert_allclose(losses8, losses, atol=1e-6)  # the loss is ~1e-3
+    assert_trees_close(grads8, grads, atol=1e-5)
+    assert max(np.abs(g).max() for g in jax.tree.leaves(grads)) > 1e-3

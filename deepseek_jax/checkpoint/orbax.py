@@ -12,17 +12,29 @@ A run directory written by train.py:
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves no step that `latest_step` would return: a half-written checkpoint is
 never loaded.
+
+`Checkpoints` is how a training run uses them: every wait on orbax is bounded and every
+failure of its background writer becomes one `CheckpointError` line naming the directory and
+the cause; resume takes the newest step that restores completely and sets broken ones aside
+in `broken_checkpoints/` (kept, never deleted).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from deepseek_jax import errors
 from deepseek_jax.checkpoint.hf import copy_tokenizer_files
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.errors import UserError
@@ -31,6 +43,7 @@ from deepseek_jax.model.transformer import init_params
 MODEL_CONFIG = "model_config.json"
 RUN_INFO = "run.json"
 CHECKPOINTS = "checkpoints"
+BROKEN = "broken_checkpoints"
 
 
 def write_run_info(run_dir: str, cfg: ModelConfig, tokenizer: str, train_config: dict) -> None:
@@ -181,3 +194,179 @@ def load_params(
     )
     manager.close()
     return cfg, restored.params
+
+
+class CheckpointError(errors.UserError):
+    """A checkpoint that could not be written or read; the message is one line with the fix."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception as `Type: first line`, without tensorstore's spec dump (hundreds of chars
+    of JSON that name no file the user does not already see in the message)."""
+    text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
+    text = text[0] if text else ""
+    return text if isinstance(error, str) else f"{type(error).__name__}: {text}"
+
+
+class OrbaxErrors(logging.Filter):
+    """Keeps the first error orbax logs, and keeps its traceback off the terminal.
+
+    Orbax 0.12's background writers report some failures only by logging them: a step
+    directory that cannot be created leaves the save waiting on a signal that never comes
+    (measured: forever), and a failed commit is logged before it is raised at the next save.
+    The log record is the earliest and sometimes the only word of the cause."""
+
+    def __init__(self):
+        super().__init__()
+        self.error: BaseException | str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if self.error is None:
+            self.error = record.exc_info[1] if record.exc_info else record.getMessage()
+        return errors.debugging()
+
+
+class Checkpoints:
+    """A run's checkpoints, for a loop that must never hang on them.
+
+        checkpoints = Checkpoints(run_dir, keep=3)
+        state = checkpoints.restore_latest(state, data_iterator) or state
+        checkpoints.save(state, data_iterator)   # async: returns once the arrays are copied
+        checkpoints.check()                      # each step: raises if a background save failed
+        checkpoints.close()
+
+    Every call into orbax runs in a worker thread that the caller joins with a bound
+    (`timeout_s`), watching for the errors orbax logs; a failure raises `CheckpointError`
+    naming the directory and the cause, and leaves the last complete step untouched.
+    """
+
+    def __init__(self, run_dir: str, keep: int, use_async: bool = True, timeout_s: float = 1800):
+        self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINTS))
+        self.timeout_s = timeout_s
+        self.use_async = use_async
+        self.errors = OrbaxErrors()
+        logging.getLogger("absl").addFilter(self.errors)
+        self.unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self.quiet_hook
+        self.manager = make_manager(run_dir, keep, use_async)
+        self.complete = self.manager.latest_step()  # the newest step known to be whole
+        self.pending: int | None = None  # a step whose async save has not been confirmed
+        self.failed = False
+
+    def quiet_hook(self, unraisable) -> None:
+        """After a failed save, tensorstore's pending writes call back into orbax's asyncio loop,
+        already closed, and print each RuntimeError as unraisable (measured: up to 50 tracebacks
+        per failure): noise after the fact, the cause is in hand."""
+        quiet = isinstance(unraisable.exc_value, RuntimeError) and not errors.debugging()
+        if not (quiet and str(unraisable.exc_value) == "Event loop is closed"):
+            self.unraisablehook(unraisable)
+
+    def restore_latest(self, state, data_iterator, report: Callable[[str], None] = print):
+        """The newest step that restores completely (None if there is no step); newer steps that
+        fail to restore are reported in one line each and moved to `broken_checkpoints/`."""
+        broken, first_error = [], None
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = restore(self.manager, state, data_iterator, step)
+            except Exception as e:  # noqa: BLE001  (any failure to read a step means: skip it)
+                first_error = first_error or e
+                broken.append(step)
+                report(
+                    f"checkpoint step {step} in {self.directory} does not restore "
+                    f"({one_line(e)}): skipped, kept in {os.path.join(self.directory, BROKEN)}"
+                )
+                continue
+            self.set_aside(broken)
+            self.complete = step
+            self.errors.error = None  # what orbax logged while failing to read is not a save's
+            return restored
+        if broken:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores (the newest, step {broken[0]}: "
+                f"{one_line(first_error)}): if the model or optimizer config changed, train in a "
+                "new train.run_dir; otherwise remove the broken steps to start afresh"
+            )
+        return None
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Moves broken steps out of orbax's sight (it would refuse to save their step number
+        again), into broken_checkpoints/<step> for inspection."""
+        if not steps:
+            return
+        aside = os.path.join(self.directory, BROKEN)
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, str(step))
+                while os.path.exists(target):  # the same step broken twice: keep both
+                    target += "+"
+                os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("deepseek_jax: broken checkpoints set aside")
+        self.manager.reload()
+
+    def save(self, state, data_iterator) -> None:
+        """Starts saving `state` (a TrainState) and the iterator's position. Waits (bounded) for
+        the previous save first, as orbax does, so a failed save stops the run at the next."""
+        step = int(state.step)
+        self.bounded(
+            step if self.pending is None else self.pending, self.manager.wait_until_finished
+        )
+        if self.pending is not None:
+            self.complete, self.pending = self.pending, None
+        self.bounded(step, lambda: save(self.manager, state, data_iterator))
+        self.pending = step
+        if not self.use_async:
+            self.complete, self.pending = step, None
+
+    def check(self) -> None:
+        """Raises if orbax has logged a failure of the save in flight (a cheap look, no wait)."""
+        if self.errors.error is not None:
+            self.fail(self.pending, self.errors.error)
+
+    def bounded(self, step: int, call: Callable[[], object]) -> None:
+        """Runs `call` in a worker thread; raises CheckpointError if it raises, if orbax logs an
+        error meanwhile, or if it is still running after `timeout_s`."""
+        outcome: list[BaseException] = []
+
+        def work():
+            try:
+                call()
+            except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+                outcome.append(e)
+
+        worker = threading.Thread(target=work, name="checkpoint", daemon=True)
+        worker.start()
+        deadline = time.monotonic() + self.timeout_s
+        while worker.is_alive() and self.errors.error is None and time.monotonic() < deadline:
+            worker.join(0.05)
+        if outcome or self.errors.error is not None:
+            self.fail(step, outcome[0] if outcome else self.errors.error)
+        if worker.is_alive():
+            self.fail(step, f"orbax did not finish within {self.timeout_s:.0f} s")
+
+    def fail(self, step: int | None, cause: BaseException | str):
+        self.failed = True
+        last = "none" if self.complete is None else f"step {self.complete}"
+        raise CheckpointError(
+            f"could not save checkpoint step {step} in {self.directory} ({one_line(cause)}); "
+            f"stopped, the last complete checkpoint is {last}: free disk space or fix the "
+            "directory's permissions, then run again to resume"
+        )
+
+    def close(self) -> None:
+        """Waits (bounded) for the save in flight. After a failure it waits for nothing: orbax's
+        writer may be blocked for good, and the process must still be able to exit."""
+        try:
+            if not self.failed:
+                self.bounded(self.pending, self.manager.close)
+                if self.pending is not None:
+                    self.complete, self.pending = self.pending, None
+        finally:
+            # After a failure, orbax's threads go on failing until the process exits: their
+            # logs and callbacks stay quiet (the error has been reported).
+            if not self.failed:
+                logging.getLogger("absl").removeFilter(self.errors)
+                sys.unraisablehook = self.unraisablehook

@@ -251,7 +251,7 @@ def generate(
     of the compiled program, so pass the same function each call to avoid a recompile.
     `mesh`: run on that mesh with `params` where they lie (placed by `placement.param_shardings`).
     """
-    check_settings(temperature, top_k, top_p)
+    check_settings(temperature, top_k, top_p, max_new_tokens)
     if eos is not None and not 0 <= eos < cfg.vocab_size:
         raise ValueError(f"eos={eos}: outside the vocabulary [0, {cfg.vocab_size})")
     tokens_BP, lengths_B = pad_prompts(cfg, prompts, max_new_tokens)

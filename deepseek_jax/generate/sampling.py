@@ -8,20 +8,34 @@ and each filter exists in the graph only when it is asked for.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.errors import UserError
 
 NEG_INF = -jnp.inf
 
 
-def check_settings(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raises on settings that would sample from nothing or divide by zero."""
+def check_settings(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Raises UserError, naming the setting, on values that would sample garbage or be cut
+    silently: NaN or infinite floats, fractional counts, nothing left to sample from."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)):
+        raise UserError(f"temperature={temperature}: must be a finite number >= 0 (0 is greedy)")
     if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k={top_k}: must be a positive integer, or None for no limit")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must lie in (0, 1], or None for no limit")
+        raise UserError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    for name, count in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if count is not None and (not isinstance(count, numbers.Integral) or count <= 0):
+            raise UserError(f"{name}={count}: must be a positive integer")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise UserError(f"top_p={top_p}: must lie in (0, 1], or None for no limit")
 
 
 def top_k_filter(logits_BV: jnp.ndarray, k: int) -> jnp.ndarray:

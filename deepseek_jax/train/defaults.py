@@ -56,6 +56,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.train.save_every = 1000
     config.train.keep = 3
     config.train.async_checkpoint = True
+    config.train.save_timeout_s = 1800.0  # longest wait on one checkpoint call, then stop
     config.train.run_dir = "runs/default"
     # Start from these weights (HF dir, hub id, or run dir[:step]) instead of a random init;
     # their architecture must be config.model's. A run that has saved resumes instead.

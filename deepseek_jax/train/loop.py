@@ -2,15 +2,15 @@
 
     summary = run(config)      # config: the ml-collections dict of configs/*.py
 
-Resumes from the latest complete checkpoint in `train.run_dir` if there is one: params,
-optimizer state, step, RNG and the data iterator come back exactly, so a resumed run matches
-a straight one bit for bit. A NaN or Inf loss stops the run before anything more is saved.
+Resumes from the newest checkpoint in `train.run_dir` that restores completely
+(`train.context.RunContext`): params, optimizer state, step, RNG and the data iterator come
+back exactly, so a resumed run matches a straight one bit for bit. A NaN or Inf loss, and a
+checkpoint that fails to save, stop the run with one line that says what to do.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import jax
@@ -18,24 +18,24 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from deepseek_jax.checkpoint import orbax as ckpt
-from deepseek_jax.checkpoint import read_weights
+from deepseek_jax import errors
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline
 from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.metrics import MetricsLog, Silent
+from deepseek_jax.train.context import RunContext, RunSettings
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(errors.UserError):
+    """The loss or gradient norm became NaN or infinite: the message names the last good
+    checkpoint and the settings to change."""
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     cfg = ModelConfig.from_dict(config.model.to_dict())
     if cfg.vocab_size < vocab_size:
-        raise ValueError(
+        raise errors.UserError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
             f"set --config.model.vocab_size={vocab_size}"
         )
@@ -47,12 +47,12 @@ def check_batch(train_cfg, mesh) -> int:
     processes = jax.process_count()
     splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
     if train_cfg.batch_size % (processes * train_cfg.micro_steps):
-        raise ValueError(
+        raise errors.UserError(
             f"train.batch_size={train_cfg.batch_size} must be divisible by processes "
             f"({processes}) x train.micro_steps ({train_cfg.micro_steps})"
         )
     if train_cfg.batch_size // train_cfg.micro_steps % splits:
-        raise ValueError(
+        raise errors.UserError(
             f"a micro-batch of train.batch_size / train.micro_steps = "
             f"{train_cfg.batch_size} / {train_cfg.micro_steps} sequences does not split over "
             f"the {splits} devices of mesh axes {rules.token_axes()}: make it a multiple of {splits}"
@@ -93,44 +93,33 @@ def eval_record(loss: float, tokenizer: str) -> dict:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Trains as `config` says; returns the last eval record (and the unigram baseline)."""
-    tc = config.train
-    if tc.compilation_cache:
-        jax.config.update(
-            "jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(tc.compilation_cache))
-        )
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    mesh = steps.train_mesh(config.mesh)
-    local_batch = check_batch(tc, mesh)
+    train = config.train
+    with RunContext(RunSettings.from_fields(train), config.mesh) as context:
+        return train_loop(config, context)
+
+
+def train_loop(config: ml_collections.ConfigDict, context: RunContext) -> dict:
+    train, mesh = config.train, context.mesh
+    local_batch = check_batch(train, mesh)
     seq_len = config.data.seq_len
     rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
     shard, shards = jax.process_index(), jax.process_count()
-    train_ds = pipeline.train_batches(rows["train"], local_batch, tc.seed, shard, shards)
-    eval_ds = pipeline.eval_batches(rows["eval"], local_batch, tc.eval_batches, shard, shards)
+    train_ds = pipeline.train_batches(rows["train"], local_batch, train.seed, shard, shards)
+    eval_ds = pipeline.eval_batches(rows["eval"], local_batch, train.eval_batches, shard, shards)
     final_eval_ds = pipeline.eval_batches(rows["eval"], local_batch, 0, shard, shards)
     cfg = model_config(config, pipeline.make_tokenizer(tokenizer).vocab_size)
     baseline = unigram_nats(rows["train"], final_eval_ds, cfg.vocab_size)
 
-    optimizer = opt.make_optimizer(config.optimizer, tc.steps)
-    state, shardings = steps.init_sharded_state(cfg, optimizer, tc.seed, mesh)
+    optimizer = opt.make_optimizer(config.optimizer, train.steps)
+    state, shardings = steps.init_sharded_state(cfg, optimizer, train.seed, mesh)
     data_iter = iter(train_ds)
-    # One writer for the files every process would write alike (one filesystem is assumed,
-    # as orbax assumes it for the checkpoints).
-    primary = jax.process_index() == 0
-    if primary:
-        ckpt.write_run_info(tc.run_dir, cfg, tokenizer, config.to_dict())
-    manager = ckpt.make_manager(tc.run_dir, tc.keep, tc.async_checkpoint)
-    if manager.latest_step() is not None:
-        state = ckpt.restore(manager, state, data_iter)
-        tqdm.write(f"resumed {tc.run_dir} at step {int(state.step)}")
-    elif tc.get("init_from"):  # a fresh run from existing weights: HF dir, hub id, run[:step]
-        state = state.replace(params=read_weights(tc.init_from, cfg, shardings.params))
-        tqdm.write(f"params from {tc.init_from}")
+    state = context.start(cfg, tokenizer, config.to_dict(), state, data_iter)
 
     train_step = steps.make_train_step(
-        cfg, optimizer, opt.schedule(config.optimizer, tc.steps), mesh, shardings, tc.micro_steps
-    )
+        cfg, optimizer, opt.schedule(config.optimizer, train.steps), mesh, shardings,
+        train.micro_steps,
+    )  # fmt: skip
     eval_step = steps.make_eval_step(cfg, mesh, shardings.params)
-    log = MetricsLog(tc.run_dir) if primary else Silent()
     tqdm.write(
         f"unigram baseline: {baseline:.3f} nats/token"
         + (f" = {baseline / math.log(2):.3f} bits/byte" if tokenizer == "byte" else "")
@@ -138,45 +127,49 @@ def run(config: ml_collections.ConfigDict) -> dict:
     result = {"unigram_loss": baseline}
     start = int(state.step)
     bar = tqdm(
-        total=tc.steps,
+        total=train.steps,
         initial=start,
         desc="train",
         unit="step",
         dynamic_ncols=True,
-        disable=not primary,
+        disable=not context.primary,
     )
-    tokens_per_step = tc.batch_size * seq_len
+    tokens_per_step = train.batch_size * seq_len
     clock, clock_step = time.perf_counter(), start
-    try:
-        for step in range(start + 1, tc.steps + 1):
-            state, metrics = train_step(state, steps.global_batch(mesh, next(data_iter)))
+    with bar:
+        for step in range(start + 1, train.steps + 1):
+            batch = steps.global_batch(mesh, next(data_iter))
+            state, metrics = train_step(state, batch)
             metrics = jax.device_get(metrics)
-            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                raise NonFiniteLossError(
-                    f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}"
-                    f": stopped; the last good checkpoint is step {manager.latest_step()} in "
-                    f"{tc.run_dir}. Lower optimizer.learning_rate or raise warmup_steps"
-                )
+            check_finite(metrics, step, context)
+            context.check()
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % train.log_every == 0 or step == train.steps:
                 now = time.perf_counter()
                 rate = tokens_per_step * (step - clock_step) / (now - clock)
                 clock, clock_step = now, step
-                log.write("train", step, {**metrics, "tokens_per_s": rate})
+                context.log.write("train", step, {**metrics, "tokens_per_s": rate})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
-            if step % tc.save_every == 0 or step == tc.steps:
-                ckpt.save(manager, state, data_iter)
-            if step % tc.eval_every == 0 or step == tc.steps:
+            if step % train.save_every == 0 or step == train.steps:
+                context.save(state, data_iter)
+            if step % train.eval_every == 0 or step == train.steps:
                 # The last eval covers the whole held-out split: the figure a run reports.
-                split = final_eval_ds if step == tc.steps else eval_ds
+                split = final_eval_ds if step == train.steps else eval_ds
                 record = eval_record(evaluate(eval_step, state.params, split, mesh), tokenizer)
-                log.write("eval", step, record)
+                context.log.write("eval", step, record)
                 result.update(record, step=step)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
                 clock = time.perf_counter()  # eval time is not training throughput
-    finally:
-        bar.close()
-        log.close()
-        manager.wait_until_finished()
-        manager.close()
     return result
+
+
+def check_finite(metrics: dict, step: int, context: RunContext) -> None:
+    """Stops before a non-finite state is saved: the last checkpoint stays a good one."""
+    if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
+        return
+    raise NonFiniteLossError(
+        f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}: "
+        f"stopped; the last good checkpoint is step {context.latest_step()} in "
+        f"{context.settings.run_dir}. Lower optimizer.learning_rate or raise "
+        "optimizer.warmup_steps, then run again to resume from it"
+    )

@@ -2,6 +2,10 @@
 
 Records carry a "kind": "train" (loss, rates, expert load [L_moe, E]) or "eval".
 `deepseek_jax.train.plot` draws them.
+
+A run resumed from step S trains steps S + 1, ... again, so `MetricsLog(run_dir, resumed=S)`
+first drops the records past S that the interrupted run wrote (metrics.jsonl is rewritten
+atomically) and tells TensorBoard to purge its events from S + 1 on: each step is held once.
 """
 
 from __future__ import annotations
@@ -16,9 +20,16 @@ METRICS = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str):
-        self.file = open(os.path.join(run_dir, METRICS), "a")  # noqa: SIM115  (closed in close())
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    def __init__(self, run_dir: str, resumed: int | None = None):
+        path = os.path.join(run_dir, METRICS)
+        if resumed is not None and os.path.exists(path):
+            keep = [r for r in read(run_dir) if r["step"] <= resumed]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(path + ".tmp", path)
+        self.file = open(path, "a")  # noqa: SIM115  (closed in close())
+        purge = None if resumed is None else resumed + 1
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
 
     def write(self, kind: str, step: int, values: dict) -> None:
         record = {"kind": kind, "step": step}
@@ -57,4 +68,13 @@ def read(run_dir: str) -> list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {run_dir!r} a train.py run directory?")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines):
+                raise
+            # A process killed mid-write leaves at most its last line cut short.
+    return records

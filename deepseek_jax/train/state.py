@@ -36,3 +36,16 @@ def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: 
 
 def next_rng(rng: jnp.ndarray) -> jnp.ndarray:
     return jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
+
+
+def apply_gradients(
+    state: TrainState, grads: dict, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """One optimizer update: the step every mode takes (pretraining, SFT, GRPO)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        rng=next_rng(state.rng),
+    )

@@ -13,7 +13,6 @@ nothing moves.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -25,25 +24,8 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.transformer import DeepSeekV2
 from deepseek_jax.parallel import placement, rules
-from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
 from deepseek_jax.train import losses
-from deepseek_jax.train.state import TrainState, init_state, next_rng
-
-
-def train_mesh(mesh_cfg) -> Mesh:
-    """config.mesh -> a Mesh over every device of every process; data 0 takes what is left."""
-    sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
-    devices = jax.device_count()
-    others = math.prod(size for axis, size in sizes.items() if axis != "data")
-    if sizes["data"] == 0 and devices % others == 0:
-        sizes["data"] = devices // others
-    if math.prod(sizes.values()) != devices:
-        raise ValueError(
-            f"config.mesh {mesh_cfg.to_dict()} spans {math.prod(sizes.values())} devices, but "
-            f"{jax.process_count()} process(es) hold {devices}: set the axis sizes so that "
-            f"data x fsdp x expert x tensor = {devices} (--config.mesh.data=0 fills data in)"
-        )
-    return make_mesh(**sizes)
+from deepseek_jax.train.state import TrainState, apply_gradients, init_state
 
 
 def state_shardings(cfg: ModelConfig, mesh: Mesh, state_shapes: TrainState) -> TrainState:
@@ -121,13 +103,7 @@ def make_train_step(
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, (nll_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_batches(batch, micro_steps))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            rng=next_rng(state.rng),
-        )
+        new_state = apply_gradients(state, grads, optimizer)
         ce = nll_A.sum() / total_weight
         aux = jax.tree.map(lambda x: x.mean(axis=0), aux_A)
         metrics = {
