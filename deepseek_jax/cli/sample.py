@@ -1,8 +1,9 @@
-"""Sample from a DeepSeek-V2 checkpoint, streaming tokens as they are made.
+"""deepseek-jax-sample (= python -m deepseek_jax.cli.sample = python sample.py): sample from a
+DeepSeek-V2 checkpoint, streaming tokens as they are made.
 
-    python sample.py --checkpoint runs/default --prompt "def fib(n):"
-    python sample.py --checkpoint path/to/DeepSeek-V2-Lite-Chat --chat --prompt "Hi!" \
-        --temperature 0.7 --top-p 0.9
+    deepseek-jax-sample --checkpoint runs/default --prompt "def fib(n):"
+    deepseek-jax-sample --checkpoint path/to/DeepSeek-V2-Lite-Chat --chat --prompt "Hi!" \
+        --temperature 0.7 --top_p 0.9
 
 --checkpoint is an HF directory (config.json + safetensors, with tokenizer.json and
 tokenizer_config.json for its tokenizer and chat template) or a train.py run directory
@@ -16,44 +17,53 @@ import time
 import jax
 
 import deepseek_jax as dj
+from deepseek_jax import errors
+from deepseek_jax.cli import args as cli_args
 from deepseek_jax.data.tokenizers import TextStream, load_tokenizer
+from deepseek_jax.errors import UserError
 from deepseek_jax.generate.cache import describe
+
+PROG = "deepseek-jax-sample"
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli_args.Parser(PROG, __doc__)
     p.add_argument("--checkpoint", required=True, help="HF checkpoint dir or train.py run dir")
     p.add_argument("--prompt", default="", help="text to continue (with --chat: the user turn)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
     p.add_argument("--system", help="with --chat: a system message before the user turn")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-eos", action="store_true", help="always make --max-new-tokens")
-    return p.parse_args(argv)
+    p.add_argument("--ignore_eos", action="store_true", help="always make --max_new_tokens")
+    return cli_args.parse(p, argv)[0]
 
 
 def prompt_ids(args, tokenizer) -> list[int]:
     if not args.chat:
         ids = tokenizer.encode(args.prompt)
         if not ids:
-            raise ValueError("--prompt is empty and the tokenizer adds no bos: give some text")
+            raise UserError("--prompt is empty and the tokenizer adds no bos: give some text")
         return ids
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
-    return tokenizer.encode_chat(messages)
+    try:
+        return tokenizer.encode_chat(messages)
+    except ValueError as e:  # the checkpoint's template refused the messages
+        raise UserError(f"--chat: {e}") from e
 
 
+@errors.report_errors(PROG)
 def main(argv=None) -> None:
     args = parse(argv)
-    try:
+    try:  # the path is the user's: a missing or malformed checkpoint is theirs to fix
         cfg, params = dj.load_checkpoint(args.checkpoint)
         tokenizer = load_tokenizer(args.checkpoint)
-        ids = prompt_ids(args, tokenizer)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"sample.py: {e}")
+        raise UserError(f"--checkpoint {args.checkpoint}: {e}") from e
+    ids = prompt_ids(args, tokenizer)
     eos = None if args.ignore_eos else tokenizer.eos_id
     if eos is None and not args.ignore_eos and cfg.eos_token_id is not None:
         eos = cfg.eos_token_id if cfg.eos_token_id < cfg.vocab_size else None
@@ -85,8 +95,8 @@ def main(argv=None) -> None:
             eos=eos,
             stream=show,
         ).block_until_ready()
-    except ValueError as e:
-        sys.exit(f"sample.py: {e}")
+    except ValueError as e:  # generate's checks of the arguments (prompt length, top_p, ...)
+        raise UserError(str(e)) from e
     jax.effects_barrier()  # the last stream callbacks
     print()
     decode = f"{(len(times) - 1) / (times[-1] - times[0]):.1f} tokens/s" if len(times) > 1 else ""
