@@ -22,7 +22,7 @@ def kill_after_checkpoint(config, step: int) -> None:
     """Runs train.py in a subprocess and SIGKILLs it once checkpoint `step` is complete."""
     done = os.path.join(config.train.run_dir, "checkpoints", str(step))
     proc = subprocess.Popen(
-        [sys.executable, "train.py", "--config", "configs/tiny.py", *cli_flags(config)],
+        [sys.executable, "train.py", "--config", "tiny", *cli_flags(config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

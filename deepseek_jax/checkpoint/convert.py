@@ -1,7 +1,9 @@
 """Converts a checkpoint between the HF/PyTorch format and ours (orbax), either way.
 
-    python -m deepseek_jax.checkpoint.convert --from hf --to orbax DeepSeek-V2-Lite lite_orbax
-    python -m deepseek_jax.checkpoint.convert lite_orbax lite_hf --dtype bfloat16
+    deepseek-jax-convert --from hf --to orbax DeepSeek-V2-Lite lite_orbax
+    deepseek-jax-convert lite_orbax lite_hf --dtype bfloat16
+
+(= python -m deepseek_jax.checkpoint.convert; flags as every command's, cli/parser.py).
 
 Without --from, a source holding a config.json is HF and anything else orbax; without --to,
 the target is the other format. --dtype sets the params' dtype (default: the source's own).
@@ -9,15 +11,17 @@ the target is the other format. --dtype sets the params' dtype (default: the sou
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import errors
 from deepseek_jax.checkpoint import is_hf_dir
 from deepseek_jax.checkpoint.hf import NP_DTYPES, load_hf, save_hf
+from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 
 FORMATS = ("hf", "orbax")
 
@@ -54,22 +58,23 @@ def convert(
     """Reads `source` and writes it to `target`; returns the (from, to) formats used."""
     source, target = os.fspath(source), os.fspath(target)
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"{source}: no such checkpoint directory")
+        raise UserError(f"{source}: no such checkpoint directory: give an HF or orbax folder")
     if dtype is not None and dtype not in NP_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(NP_DTYPES)}")
+        raise UserError(f"dtype={dtype!r}: choose one of {sorted(NP_DTYPES)}")
     from_format = from_format or ("hf" if is_hf_dir(source) else "orbax")
     to_format = to_format or ("orbax" if from_format == "hf" else "hf")
     for name, fmt in (("--from", from_format), ("--to", to_format)):
         if fmt not in FORMATS:
-            raise ValueError(f"{name} {fmt!r}: choose one of {FORMATS}")
+            raise UserError(f"{name} {fmt!r}: choose one of {FORMATS}")
     cfg, params = load(source, from_format, dtype)
     has_tokenizer = os.path.exists(os.path.join(source, "tokenizer.json"))
     save(target, to_format, cfg, params, source if has_tokenizer else "byte")
     return from_format, to_format
 
 
+@errors.report_errors("deepseek-jax-convert")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("deepseek-jax-convert", __doc__)
     parser.add_argument("source")
     parser.add_argument("target")
     parser.add_argument("--from", dest="from_format", choices=FORMATS)

@@ -19,6 +19,7 @@ import jax
 import deepseek_jax as dj
 from deepseek_jax import errors
 from deepseek_jax.cli import args as cli_args
+from deepseek_jax.cli.parser import Parser
 from deepseek_jax.data.tokenizers import TextStream, load_tokenizer
 from deepseek_jax.errors import UserError
 from deepseek_jax.generate.cache import describe
@@ -27,7 +28,7 @@ PROG = "deepseek-jax-sample"
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = cli_args.Parser(PROG, __doc__)
+    p = Parser(PROG, __doc__)
     p.add_argument("--checkpoint", required=True, help="HF checkpoint dir or train.py run dir")
     p.add_argument("--prompt", default="", help="text to continue (with --chat: the user turn)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")

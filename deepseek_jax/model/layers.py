@@ -68,7 +68,7 @@ def grouped_swiglu(x_RD, expert_RK, gate_RK, w_gate_EDI, w_up_EDI, w_down_EID):
     Dropless, as a tiled grouped matmul: the R*K assignments are sorted by expert and each
     expert's run padded to whole tiles, so every tile belongs to one expert; then one batched
     SwiGLU over tiles. On the CPU this beats `lax.ragged_dot`, which lowers to a dense masked
-    dot (DESIGN.md 7).
+    dot (docs/design.md 7).
     """
     r, d = x_RD.shape
     e = w_gate_EDI.shape[0]

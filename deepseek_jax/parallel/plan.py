@@ -1,7 +1,8 @@
 """Per-device memory and all-to-all traffic of a config on a mesh, without allocating it.
 
-    python -m deepseek_jax.parallel.plan --preset v2 --mesh data=4,expert=8 \
-        --param-dtype bfloat16 --dtype bfloat16
+    deepseek-jax-plan --preset v2 --mesh data=4,expert=8 --param_dtype bfloat16 --dtype bfloat16
+
+(= python -m deepseek_jax.parallel.plan; flags as every command's, cli/parser.py.)
 
 Params, AdamW's two fp32 moments and the latent cache come from `jax.eval_shape` and the
 rules table's shardings; all-to-all bytes per token come from the lowered HLO of one MoE
@@ -13,7 +14,6 @@ the model and the rules, so it imports the model (the model never imports it).
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 
@@ -23,7 +23,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import PRESETS, ModelConfig, preset
+from deepseek_jax import errors
+from deepseek_jax.cli.parser import Parser
+from deepseek_jax.config import DTYPES, PRESETS, ModelConfig, preset
 from deepseek_jax.model.moe import route
 from deepseek_jax.model.transformer import init_cache, init_params
 from deepseek_jax.parallel import expert, rules
@@ -107,8 +109,9 @@ def traffic(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, float]
     return out
 
 
+@errors.report_errors("deepseek-jax-plan")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("deepseek-jax-plan", __doc__)
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
     parser.add_argument("--mesh", default="data=1", help="e.g. data=4,fsdp=2,expert=8")
     parser.add_argument(
@@ -118,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         help="sequences per step (default 10 per batch-splitting device, so that the 10%% "
         "never-drop sequences are spread over the devices rather than all or nothing)",
     )
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--capacity-factor", type=float, default=1.0, help="0 for dropless")
-    parser.add_argument("--dtype", default=None, help="compute and cache dtype")
-    parser.add_argument("--param-dtype", default=None)
+    parser.add_argument("--seq_len", type=int, default=4096)
+    parser.add_argument("--capacity_factor", type=float, default=1.0, help="0 for dropless")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute and cache dtype")
+    parser.add_argument("--param_dtype", choices=DTYPES)
     args = parser.parse_args(argv)
 
     sizes = parse_mesh(args.mesh)

@@ -4,13 +4,13 @@ Legend: P prompts a step, G samples per prompt, B = P * G, L = longest prompt + 
 positions, N new tokens.
 
 Each step samples G answers to each of P prompts with `deepseek_jax.generate` from the state
-being trained, on the same mesh and params (DESIGN.md 5), keeping each sampled token's
+being trained, on the same mesh and params (docs/design.md 5), keeping each sampled token's
 log-prob; scores them with a reward function; normalises rewards within each group; takes the
 reference log-probs from a frozen copy of the starting params; then makes `updates` AdamW
 steps on the clipped-ratio objective with a KL penalty (`grpo_loss`) plus the MoE balance
 losses. Old log-probs are the sampler's own: the ratio starts at 1 on the first update.
 
-    python train.py --config configs/grpo.py --config.grpo.init_from=runs/sft
+    deepseek-jax-train --config grpo --config.grpo.init_from=runs/sft
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def initial_params(gc, cfg: ModelConfig, shardings) -> dict:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    """GRPO as `config` says (configs/grpo.py); returns the last step's metrics."""
+    """GRPO as `config` says (deepseek_jax/configs/grpo.py); returns the last step's metrics."""
     tc, gc = config.train, config.grpo
     mesh = steps.train_mesh(config.mesh)
     tokenizer = make_tokenizer(config.data.tokenizer)

@@ -1,6 +1,6 @@
 """The training loop: data, state, steps, eval, metrics, checkpoints, resume.
 
-    summary = run(config)      # config: the ml-collections dict of configs/*.py
+    summary = run(config)      # config: the ml-collections dict of deepseek_jax/configs/*.py
 
 Resumes from the latest complete checkpoint in `train.run_dir` if there is one: params,
 optimizer state, step, RNG and the data iterator come back exactly, so a resumed run matches

@@ -3,7 +3,7 @@
 Legend: B global batch, A micro-batches (gradient accumulation), b = B / A, T positions,
 L_moe MoE layers, E routed experts.
 
-The mesh has the axes of DESIGN.md section 5, ("data", "fsdp", "expert", "tensor"); one
+The mesh has the axes of docs/design.md section 5, ("data", "fsdp", "expert", "tensor"); one
 device is the 1x1x1x1 mesh, so single- and multi-device training are the same code. Params
 take `rules.param_shardings`, AdamW's moments `rules.opt_state_shardings` (ZeRO-1), batches
 `rules.batch_sharding`; the jitted steps keep every leaf where it lies, so between steps
@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.transformer import DeepSeekV2
 from deepseek_jax.parallel import rules
 from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
@@ -38,7 +39,7 @@ def train_mesh(mesh_cfg) -> Mesh:
     if sizes["data"] == 0 and devices % others == 0:
         sizes["data"] = devices // others
     if math.prod(sizes.values()) != devices:
-        raise ValueError(
+        raise UserError(
             f"config.mesh {mesh_cfg.to_dict()} spans {math.prod(sizes.values())} devices, but "
             f"{jax.process_count()} process(es) hold {devices}: set the axis sizes so that "
             f"data x fsdp x expert x tensor = {devices} (--config.mesh.data=0 fills data in)"
