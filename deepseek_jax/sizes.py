@@ -12,6 +12,7 @@ import jax
 from deepseek_jax import errors
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import PRESETS, ModelConfig, preset
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.transformer import init_params
 
 
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
     parser.add_argument("--hf_config", help="a config.json or checkpoint dir instead of a preset")
     args = parser.parse_args(argv)
-    cfg = ModelConfig.from_hf(args.hf_config) if args.hf_config else preset(args.preset)
+    try:
+        cfg = ModelConfig.from_hf(args.hf_config) if args.hf_config else preset(args.preset)
+    except FileNotFoundError as e:  # the path is the user's
+        raise UserError(f"--hf_config: {e}") from e
     print(summary(cfg))
 
 

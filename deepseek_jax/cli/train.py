@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     check(config)
     multi = distributed(args)
-    # jax, orbax and the loops load in seconds: after the checks, so a mistake answers at once.
+    # orbax and the loops load in seconds: after the checks, so a mistake answers sooner.
     from absl import logging  # noqa: PLC0415
 
     from deepseek_jax.parallel.mesh import start_processes  # noqa: PLC0415

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import errors
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import DTYPES, PRESETS, ModelConfig, preset
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.moe import route
 from deepseek_jax.model.transformer import init_cache, init_params
 from deepseek_jax.parallel import expert, rules
@@ -136,7 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype or preset(args.preset).dtype,
         param_dtype=args.param_dtype or preset(args.preset).param_dtype,
     )
-    batch = args.batch or 10 * math.prod(mesh.shape[a] for a in rules.token_axes())
+    splits = math.prod(mesh.shape[a] for a in rules.token_axes())
+    batch = args.batch or 10 * splits
+    if cfg.n_routed_experts % mesh.shape["expert"]:
+        raise UserError(
+            f"--mesh expert={mesh.shape['expert']} does not divide the {cfg.n_routed_experts} "
+            f"routed experts of {args.preset}: give a divisor"
+        )
+    if batch % splits:
+        raise UserError(f"--batch {batch} does not split over {splits} devices: give a multiple")
 
     print(
         f"{args.preset} on mesh {dict(mesh.shape)}: params {cfg.param_dtype}, compute "

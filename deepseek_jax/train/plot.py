@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from deepseek_jax import errors  # noqa: E402
 from deepseek_jax.cli.parser import Parser  # noqa: E402
+from deepseek_jax.errors import UserError  # noqa: E402
 from deepseek_jax.train.metrics import read  # noqa: E402
 
 
@@ -70,8 +71,12 @@ def plot_run(run_dir: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = Parser("python -m deepseek_jax.train.plot", __doc__)
     parser.add_argument("run_dir")
-    for path in plot_run(parser.parse_args(argv).run_dir):
-        print(path)
+    run_dir = parser.parse_args(argv).run_dir
+    try:
+        paths = plot_run(run_dir)
+    except FileNotFoundError as e:  # the path is the user's
+        raise UserError(str(e)) from e
+    print("\n".join(paths))
 
 
 if __name__ == "__main__":
