@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import tomllib
+from hf_models import build_hf
 
 from deepseek_jax import configs
 from deepseek_jax.cli import args as cli_args
@@ -44,7 +45,8 @@ def command(module: str, *argv: str, cwd, **env) -> subprocess.CompletedProcess:
     )
 
 
-# (module, argv, what the one line must say); "{tmp}" is a fresh empty folder.
+# (module, argv, what the one line must say); "{tmp}" is a fresh empty folder, "{hf}" holds
+# tiny HF checkpoints: "bytes" (context 48) and "narrow" (a vocabulary of 96 < 256 bytes).
 MISTAKES = [
     (TRAIN, ["--config.train.stepz=5"], "config.train has no field 'stepz'; did you mean train.steps?"),
     (TRAIN, ["--config", "nosuch"], "--config 'nosuch': not a config of the package"),
@@ -60,6 +62,8 @@ MISTAKES = [
     (SAMPLE, ["--checkpoint", "{tmp}/missing"], "does not exist"),
     (SAMPLE, ["--checkpoint", "{tmp}", "--max-new-tokens", "3"], "unrecognized arguments: --max-new-tokens"),
     (SAMPLE, [], "the following arguments are required: --checkpoint"),
+    (SAMPLE, ["--checkpoint", "{hf}/bytes", "--prompt", "x" * 45], "passes the context of 48"),
+    (SAMPLE, ["--checkpoint", "{hf}/narrow", "--prompt", "hi"], "token id 104, outside the model's vocabulary"),
     (CONVERT, ["{tmp}/missing", "{tmp}/out"], "no such checkpoint directory"),
     (CONVERT, ["{tmp}", "{tmp}/out", "--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
     (PLAN, ["--dtype", "bf16"], "argument --dtype: invalid choice: 'bf16'"),
@@ -75,12 +79,16 @@ MISTAKES = [
 
 def run_all(cases, tmp_path) -> list[subprocess.CompletedProcess]:
     """Each case in its own folder; two at a time (most of each is importing jax)."""
+    hf = tmp_path / "hf"
+    build_hf(hf / "bytes", vocab_size=256, max_position_embeddings=48)
+    build_hf(hf / "narrow", vocab_size=96)
 
     def one(i_case):
         i, (module, argv, _) = i_case
         tmp = tmp_path / f"case{i}"
         tmp.mkdir()
-        return command(module, *(a.replace("{tmp}", str(tmp)) for a in argv), cwd=tmp)
+        argv = (a.replace("{tmp}", str(tmp)).replace("{hf}", str(hf)) for a in argv)
+        return command(module, *argv, cwd=tmp)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return list(pool.map(one, enumerate(cases)))
