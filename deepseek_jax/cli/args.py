@@ -89,10 +89,11 @@ def parse_value(field: str, current, text: str):
 def apply_override(config: ml_collections.ConfigDict, field: str, text: str) -> None:
     node, path = config, field.split(".")
     for depth, name in enumerate(path):
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            where = ".".join(path[:depth])
-            keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            near = difflib.get_close_matches(name, keys, n=1)
+        where = ".".join(path[:depth])
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise UserError(f"--config.{field}: config.{where} is {node!r}, not a section")
+        if name not in node:
+            near = difflib.get_close_matches(name, list(node.keys()), n=1)
             hint = f"did you mean {'.'.join([*path[:depth], near[0]])}?" if near else ""
             raise UserError(
                 f"--config.{field}: config{'.' + where if where else ''} has no field {name!r}; "
