@@ -34,7 +34,8 @@ PLOT = "deepseek_jax.train.plot"
 
 def command(module: str, *argv: str, cwd, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
-    environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env)
+    # TQDM_DISABLE: a loading bar is progress, not an error line; the count is of the latter.
+    environ.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1", **env)
     return subprocess.run(
         [sys.executable, "-m", module, *argv],
         cwd=cwd,
@@ -56,6 +57,7 @@ MISTAKES = [
     (TRAIN, ["--config.mode=distill"], "--config.mode='distill': choose one of"),
     (TRAIN, ["--config.data.source=nosuch", "--config.train.run_dir={tmp}/run"], "data.source='nosuch': choose one of"),
     (TRAIN, ["--config.mesh.expert=3", "--config.train.run_dir={tmp}/run"], "config.mesh {'data': 0, 'expert': 3"),
+    (TRAIN, ["--config", "tiny", "--config.train.steps=4"], "optimizer.warmup_steps=100 must lie in [0, train.steps=4)"),
     (TRAIN, ["--num_processes=2", "--process_id=2"], "--process_id=2: must lie in 0 .."),
     (TRAIN, ["--num-processes=2"], "unrecognized arguments: --num-processes=2"),
     (TRAIN, ["--config.train.steps"], "--config.train.steps needs a value"),
