@@ -11,9 +11,9 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
-import tomllib
 from hf_models import build_hf
 
 from deepseek_jax import configs
