@@ -192,3 +192,12 @@ def test_console_script_equals_python_m(script, capsys):
     help_text = capsys.readouterr().out
     assert "--debug" in help_text
     assert not re.findall(r"--[a-z]+-[a-z-]+", help_text), "flags are spelled with underscores"
+
+
+def test_every_package_folder_ships():
+    """setuptools' find includes a folder only with an __init__.py: a pip install (Colab's)
+    would silently lack one without it, though an editable install runs."""
+    package = os.path.join(ROOT, "deepseek_jax")
+    for folder, _, files in os.walk(package):
+        if any(f.endswith(".py") for f in files) and "__pycache__" not in folder:
+            assert "__init__.py" in files, f"{folder} needs an __init__.py"
