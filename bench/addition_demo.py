@@ -6,13 +6,13 @@ zero-padded and answering least-significant digit first ("012+039" -> "1500", th
 
 1. Writes the data: "a+b" user turns with the sum as the assistant's answer (a, b below
    10**digits), and two fixed sets of pairs never seen in training: validation and held-out.
-2. SFT (configs/sft.py, `python train.py --config configs/sft.py`) from scratch, `--chunk`
+2. SFT (deepseek_jax/configs/sft.py, `deepseek-jax-train --config sft`) from scratch, `--chunk`
    steps at a time. This task is learned in a sudden drop of the loss (from step ~200 in the
    runs measured; its step varies from run to run, threads reduce in varying order on the
    CPU), so SFT stops at the first chunk whose *validation* exact match reaches
    `--start-accuracy`: a middling model for GRPO to start from.
 3. Exact match of that checkpoint on the held-out set: greedy answers scored by the reward.
-4. GRPO (configs/grpo.py) from it, rewards from the same exact-match function.
+4. GRPO (deepseek_jax/configs/grpo.py) from it, rewards from the same exact-match function.
 5. Held-out exact match again; writes results.json and reward.png (reward per GRPO step).
 """
 
@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import deepseek_jax as dj  # noqa: E402
-from configs import grpo as grpo_config  # noqa: E402
-from configs import sft as sft_config  # noqa: E402
 from deepseek_jax.checkpoint import orbax as ckpt  # noqa: E402
+from deepseek_jax.configs import grpo as grpo_config  # noqa: E402
+from deepseek_jax.configs import sft as sft_config  # noqa: E402
 from deepseek_jax.data.tokenizers import ByteTokenizer  # noqa: E402
 from deepseek_jax.rl import grpo, rewards, sft  # noqa: E402
 from deepseek_jax.train.metrics import read  # noqa: E402

@@ -1,20 +1,21 @@
 """Forward-pass speed, ours (jitted JAX) against transformers' PyTorch DeepseekV2, same weights.
 
     python bench/forward.py                         # `small` preset, batch 8 x 512, fp32 CPU
-    python bench/forward.py --batch 4 --seq 256 --runs 3 --torch-attn eager
+    python bench/forward.py --batch 4 --seq 256 --repeats 3 --torch_attn eager
 
-Random weights (initializer_range 0.02) are drawn for our model, written with `save_hf` and
+PyTorch runs with transformers' own defaults (SDPA attention, grouped_mm experts, as
+`from_pretrained` picks them; the line printed names them) unless --torch_attn or
+--torch_experts says otherwise. Random weights (initializer_range 0.02) are drawn for our model, written with `save_hf` and
 read by transformers' `from_pretrained`, so both run the same numbers; the logits are compared
 (within --atol at 95% of positions at least: see the router note below) before any time is
-reported. Times are the median of --runs warm runs (ours after compiling,
-PyTorch after one warm-up call, under `torch.no_grad()`).
+reported. Each side is timed --repeats times (at least 3) after a warm-up call (ours: the
+compile), PyTorch under `torch.no_grad()`; min and median are printed, the ratio is of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
@@ -22,18 +23,10 @@ import jax
 import numpy as np
 import torch
 import transformers
+from timing import line, median, timed  # bench/timing.py: the script's folder is on sys.path
 
 import deepseek_jax as dj
 from deepseek_jax.sizes import param_counts
-
-
-def median_seconds(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small", choices=sorted(dj.config.PRESETS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each (>= 3)")
+    parser.add_argument("--torch_attn", choices=("sdpa", "eager"), help="default: transformers'")
     parser.add_argument(
-        "--torch-experts", default="grouped_mm", choices=("eager", "batched_mm", "grouped_mm")
+        "--torch_experts", choices=("eager", "batched_mm", "grouped_mm"), help="default: theirs"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--atol", type=float, default=1e-3, help="logits agreement required")
@@ -57,11 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = tokens.size
     with tempfile.TemporaryDirectory() as directory:
         dj.save_hf(directory, cfg, params)
+        chosen = {"attn_implementation": args.torch_attn}
+        chosen["experts_implementation"] = args.torch_experts
         torch_model = transformers.DeepseekV2ForCausalLM.from_pretrained(
             directory,
             dtype=torch.float32,
-            attn_implementation=args.torch_attn,
-            experts_implementation=args.torch_experts,
+            **{k: v for k, v in chosen.items() if v is not None},  # None: transformers' default
         ).eval()
 
     forward = jax.jit(lambda p, t: dj.DeepSeekV2(cfg).apply({"params": p}, t).logits)
@@ -85,13 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"logits agree at only {agree:.2%} of positions: not timing")
     del ours, theirs
 
-    ours_s = median_seconds(lambda: forward(params, tokens).block_until_ready(), args.runs)
+    ours_s = timed(lambda: forward(params, tokens).block_until_ready(), args.repeats)
     with torch.no_grad():
-        torch_s = median_seconds(lambda: torch_model(torch_tokens), args.runs)
-    label = f"transformers ({args.torch_attn}, experts {args.torch_experts})"
-    for name, seconds in (("deepseek-jax (jit)", ours_s), (label, torch_s)):
-        print(f"{name:44s} {seconds * 1e3:9.1f} ms  {n_tokens / seconds:9.0f} tok/s")
-    print(f"speed-up of ours over PyTorch: {torch_s / ours_s:.2f}x")
+        torch_s = timed(lambda: torch_model(torch_tokens), args.repeats)
+    attn = torch_model.config._attn_implementation
+    experts = getattr(torch_model.config, "_experts_implementation", "?")
+    label = f"transformers ({attn}, experts {experts})"
+    for name, times in (("deepseek-jax (jit)", ours_s), (label, torch_s)):
+        print(line(name, times, n_tokens))
+    print(f"speed-up of ours over PyTorch (medians): {median(torch_s) / median(ours_s):.2f}x")
 
 
 if __name__ == "__main__":

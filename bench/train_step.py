@@ -4,8 +4,10 @@
     python bench/train_step.py --preset tiny --batch 16 --seq 256
 
 Same weights (ours written with save_hf, read by `from_pretrained`), same batch, same
-optimizer settings, one process. Prints tokens/s of each, the ratio, and our MFU against the
-fp32 matmul peak measured at start. Model FLOPs = 6 x active params x tokens + attention
+optimizer settings, one process. PyTorch runs with transformers' defaults (SDPA attention,
+grouped_mm experts, as `from_pretrained` picks them; the line printed names them). Each step
+is timed --repeats times (at least 3) after a warm-up step; prints min and median of each,
+the ratio of medians, and our MFU (median) against the fp32 matmul peak measured at start. Model FLOPs = 6 x active params x tokens + attention
 (scores and values, fwd + bwd); the routed-expert tile padding is not counted.
 """
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from timing import line, median, timed  # bench/timing.py: the script's folder is on sys.path
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint.hf import save_hf
@@ -48,17 +51,6 @@ def model_flops(cfg: dj.ModelConfig, batch: int, seq: int) -> float:
     return 6 * param_counts(cfg)["active"] * batch * seq + 3 * cfg.num_hidden_layers * attention
 
 
-def time_it(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call (compile)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def ours(cfg, oc, batch_np, repeats):
     optimizer = opt.make_optimizer(oc, 1000)
     mesh = dj.make_mesh()
@@ -74,15 +66,13 @@ def ours(cfg, oc, batch_np, repeats):
         holder[0], metrics = train_step(holder[0], batch)
         jax.block_until_ready(metrics)
 
-    return time_it(run, repeats), params
+    return timed(run, repeats), params
 
 
 def pytorch(cfg, oc, params, batch_np, repeats):
     with tempfile.TemporaryDirectory() as d:
         save_hf(d, cfg, params)
-        model = transformers.DeepseekV2ForCausalLM.from_pretrained(
-            d, attn_implementation="eager", dtype=torch.float32
-        )
+        model = transformers.DeepseekV2ForCausalLM.from_pretrained(d, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(oc.b1, oc.b2), eps=oc.eps, weight_decay=oc.weight_decay
@@ -99,7 +89,9 @@ def pytorch(cfg, oc, params, batch_np, repeats):
         torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_norm)
         optimizer.step()
 
-    return time_it(run, repeats)
+    attn = model.config._attn_implementation
+    experts = getattr(model.config, "_experts_implementation", "?")
+    return timed(run, repeats), f"transformers ({attn}, experts {experts})"
 
 
 def main(argv=None):
@@ -107,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each (>= 3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
 
@@ -125,15 +117,16 @@ def main(argv=None):
     }
     peak = matmul_peak()
     jax_s, params = ours(cfg, oc, batch, args.repeats)
-    torch_s = pytorch(cfg, oc, params, batch, args.repeats)
+    torch_s, label = pytorch(cfg, oc, params, batch, args.repeats)
     n = args.batch * args.seq
     flops = model_flops(cfg, args.batch, args.seq)
     print(f"preset {args.preset}, batch {args.batch} x {args.seq}, {os.cpu_count()} CPU cores")
     print(f"fp32 matmul peak      {peak / 1e9:8.1f} GFLOP/s")
-    print(f"deepseek-jax (JAX)    {n / jax_s:8.0f} tokens/s   {jax_s * 1e3:8.0f} ms/step")
-    print(f"transformers (torch)  {n / torch_s:8.0f} tokens/s   {torch_s * 1e3:8.0f} ms/step")
-    print(f"ratio JAX / torch     {torch_s / jax_s:8.2f} x")
-    print(f"our MFU               {flops / jax_s / peak:8.1%}  ({flops / 1e9:.1f} GFLOP a step)")
+    print(line("deepseek-jax (JAX)", jax_s, n))
+    print(line(label, torch_s, n))
+    print(f"ratio JAX / torch (medians) {median(torch_s) / median(jax_s):8.2f} x")
+    mfu = flops / median(jax_s) / peak
+    print(f"our MFU (median)      {mfu:8.1%}  ({flops / 1e9:.1f} GFLOP a step)")
 
 
 if __name__ == "__main__":

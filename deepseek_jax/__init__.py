@@ -1,4 +1,4 @@
-"""deepseek-jax: DeepSeek-V2 (MLA + DeepSeekMoE) in JAX/Flax. The public API (DESIGN.md 4)."""
+"""deepseek-jax: DeepSeek-V2 (MLA + DeepSeekMoE) in JAX/Flax. The public API (docs/design.md 4)."""
 
 from deepseek_jax.checkpoint import load_checkpoint, load_hf, save_hf
 from deepseek_jax.config import ModelConfig, YarnConfig, preset

@@ -2,7 +2,7 @@
 
 Field names follow the published `config.json` (HF `DeepseekV2Config`) so that a reader can
 put the two side by side; `from_hf` / `to_hf` convert, and the presets give the published
-shapes (DESIGN.md section 1). The balance-loss weights and token-dropping knobs are the paper's
+shapes (docs/design.md section 1). The balance-loss weights and token-dropping knobs are the paper's
 (section 2.2.3-2.2.4) and have no HF counterpart.
 
 Sizes (total and active parameters, cache bytes per token) are in `deepseek_jax/sizes.py`.
@@ -49,7 +49,7 @@ class YarnConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """DeepSeek-V2 hyper-parameters. Letters as in DESIGN.md: D, H, dn, dr, dv, r_q, r_kv, E, K."""
+    """DeepSeek-V2 hyper-parameters. Letters as in docs/design.md: D, H, dn, dr, dv, r_q, r_kv, E, K."""
 
     vocab_size: int = 102400
     hidden_size: int = 5120  # D

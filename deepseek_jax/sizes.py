@@ -1,16 +1,18 @@
 """Model sizes from shapes alone: total and active parameters, inference cache per token.
 
-python -m deepseek_jax.sizes --preset v2       # or --hf-config path/to/config.json
+python -m deepseek_jax.sizes --preset v2       # or --hf_config path/to/config.json
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
 
+from deepseek_jax import errors
+from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import PRESETS, ModelConfig, preset
+from deepseek_jax.errors import UserError
 from deepseek_jax.model.transformer import init_params
 
 
@@ -53,12 +55,16 @@ def summary(cfg: ModelConfig) -> str:
     )
 
 
+@errors.report_errors("python -m deepseek_jax.sizes")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("python -m deepseek_jax.sizes", __doc__)
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
-    parser.add_argument("--hf-config", help="a config.json or checkpoint dir instead of a preset")
+    parser.add_argument("--hf_config", help="a config.json or checkpoint dir instead of a preset")
     args = parser.parse_args(argv)
-    cfg = ModelConfig.from_hf(args.hf_config) if args.hf_config else preset(args.preset)
+    try:
+        cfg = ModelConfig.from_hf(args.hf_config) if args.hf_config else preset(args.preset)
+    except FileNotFoundError as e:  # the path is the user's
+        raise UserError(f"--hf_config: {e}") from e
     print(summary(cfg))
 
 

@@ -1,4 +1,4 @@
-"""Small random transformers `DeepseekV2ForCausalLM` models: the numerical oracle (DESIGN.md 2).
+"""Small random transformers `DeepseekV2ForCausalLM` models: the numerical oracle (docs/design.md 2).
 
 Weights are drawn with initializer_range 0.1 and the RMSNorm weights are randomised, so a
 swapped matrix, a wrong transpose or a skipped norm changes the logits visibly.
@@ -70,7 +70,7 @@ def hf_logits(model, tokens) -> "torch.Tensor":
         return model(torch.as_tensor(tokens)).logits.numpy()
 
 
-# The published DeepSeek-V2-Chat template (DESIGN.md 8) and special tokens.
+# The published DeepSeek-V2-Chat template (docs/design.md 8) and special tokens.
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"

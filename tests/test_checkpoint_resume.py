@@ -33,7 +33,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 def launch(config) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "train.py", "--config", "configs/tiny.py", *cli_flags(config)],
+        [sys.executable, "train.py", "--config", "tiny", *cli_flags(config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

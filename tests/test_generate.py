@@ -3,8 +3,6 @@ decode logits equal the full forward's at every position, greedy generation equa
 transformers' token for token, eos stops rows, sampling filters, bad input is refused."""
 
 import functools
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +110,7 @@ def all_shapes(jaxpr):
 
 def test_decode_never_expands_the_cache():
     """No value in the decode program has both a cache-slot axis and a per-head key or value
-    axis: the absorbed form attends to the latents directly (DESIGN.md 1)."""
+    axis: the absorbed form attends to the latents directly (docs/design.md 1)."""
     cfg, params = random_params("plain")
     slots, batch = 37, 2
     cache = dj.init_cache(cfg, batch, slots)
@@ -264,14 +262,13 @@ def test_bad_settings_are_refused():
 
 
 def test_sample_py_streams_and_refuses_bad_input(tmp_path, capsys):
-    """sample.py on HF directories without tokenizer files (so: bytes)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
-    import sample
+    """deepseek-jax-sample on HF directories without tokenizer files (so: bytes)."""
+    from deepseek_jax.cli import sample
 
     build_hf(tmp_path / "bytes", vocab_size=256, max_position_embeddings=48)
     build_hf(tmp_path / "narrow", vocab_size=96)
     sample.main(
-        ["--checkpoint", str(tmp_path / "bytes"), "--prompt", "hi", "--max-new-tokens", "9"]
+        ["--checkpoint", str(tmp_path / "bytes"), "--prompt", "hi", "--max_new_tokens", "9"]
     )
     out, err = capsys.readouterr()
     assert out.startswith("hi")
@@ -286,7 +283,9 @@ def test_sample_py_streams_and_refuses_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             sample.main(["--checkpoint", str(tmp_path / directory), *argv])
         err = capsys.readouterr().err
-        assert err.startswith("sample.py: ") and message in err and err.count("\n") == 1, err
+        assert (
+            err.startswith("deepseek-jax-sample: ") and message in err and err.count("\n") == 1
+        ), err
 
 
 def test_generate_on_a_mesh_matches_and_returns_logprobs():

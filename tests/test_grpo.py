@@ -120,8 +120,8 @@ def test_rewards_masks_and_layout():
 
 def test_sft_then_grpo_end_to_end(tmp_path):
     sys.path.insert(0, ROOT)
-    from configs import grpo as grpo_config
-    from configs import sft as sft_config
+    from deepseek_jax.configs import grpo as grpo_config
+    from deepseek_jax.configs import sft as sft_config
 
     data = write_additions(tmp_path / "add.jsonl")
 

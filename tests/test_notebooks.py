@@ -8,12 +8,18 @@ JUPYTER_PATH), so a fresh `pip install -e ".[dev]"` venv runs it without registe
 
 import json
 import os
+import re
+import subprocess
 import sys
+import types
 
 import nbformat
 import pytest
 from hf_models import build_hf, save_chat_tokenizer
 from nbclient import NotebookClient
+
+from deepseek_jax import colab
+from deepseek_jax.errors import UserError
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 CACHE = os.environ.get(
@@ -128,3 +134,81 @@ def test_train(kernel_env):
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # loss curves and the expert-load heatmap
     assert os.path.isdir(kernel_env / "runs" / "notebook" / "checkpoints")
+
+
+def install_cell(name: str) -> str:
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "REPO_URL =" in c.source]
+    assert len(cells) == 1, f"{name}: one install cell sets REPO_URL"
+    return cells[0]
+
+
+@pytest.mark.parametrize("name", notebook_names())
+def test_install_cell_refuses_the_placeholder_then_installs_for_the_runtime(name, monkeypatch):
+    """The cell as Colab runs it (a google.colab module present, pip recorded, not run)."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "check_call", calls.append)
+    source = install_cell(name)
+    assert f'REPO_URL = "{colab.REPO_URL}"' in source  # one URL, the one colab.py holds
+    with pytest.raises(ValueError, match="Set REPO_URL"):
+        exec(source, {})
+    assert not calls  # refused before anything installed
+
+    url = "https://github.com/someone/deepseek-jax"
+    exec(source.replace(colab.REPO_URL, url), {})
+    assert calls[0][1:] == ["-m", "pip", "install", "-q", f"deepseek-jax @ git+{url}"]
+    assert calls[1][1:5] == ["-m", "deepseek_jax.colab", "--repo", url]
+    assert any(a.startswith("--kernel_versions=") for a in calls[1])  # to compare for a restart
+
+
+def test_colab_links_point_where_the_notebooks_install_from():
+    owner = colab.REPO_URL.split("/")[-2]
+    readme = open(os.path.join(NOTEBOOKS, "..", "README.md")).read()
+    texts = [readme] + [open(os.path.join(NOTEBOOKS, n)).read() for n in notebook_names()]
+    links = [
+        link
+        for t in texts
+        for link in re.findall(r"colab\.research\.google\.com/github/[^)\s\"]+", t)
+    ]
+    assert len(links) >= 2 * len(notebook_names())  # README's table and each notebook's badge
+    for link in links:
+        assert link.startswith(
+            f"colab.research.google.com/github/{owner}/deepseek-jax/blob/main/notebooks/"
+        )
+
+
+def test_install_plan_for_each_runtime():
+    url = "https://github.com/someone/deepseek-jax"
+    assert colab.install_plan("tpu", url) == ["install", "-q", f"deepseek-jax[tpu] @ git+{url}"]
+    assert colab.install_plan("gpu", url)[2] == f"deepseek-jax[cuda12] @ git+{url}"
+    assert colab.install_plan("cpu", url, ("transformers>=5",))[2:] == [
+        f"deepseek-jax @ git+{url}",
+        "transformers>=5",
+    ]
+    with pytest.raises(UserError, match="REPO_URL="):
+        colab.install_plan("cpu")  # the placeholder
+    with pytest.raises(UserError, match="runtime='metal'"):
+        colab.install_plan("metal", url)
+
+    def machine(env=(), files=(), programs=()):
+        return colab.runtime_hint(dict(env), files.__contains__, lambda p: p in programs or None)
+
+    assert machine(env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"}) == "tpu"
+    assert machine(files=("/dev/vfio/0",)) == "tpu"  # v5e and later TPU VMs
+    assert machine(files=("/dev/accel0",)) == "tpu"  # v2-v4
+    assert machine(env={"COLAB_TPU_ADDR": "10.0.0.2:8470"}) == "tpu"
+    assert machine(programs=("nvidia-smi",)) == "gpu"
+    assert machine() == "cpu"
+
+
+def test_verdict_says_what_jax_sees_and_when_to_restart():
+    assert colab.verdict("gpu", "gpu", {}, {"jax": "0.10.2"}) == "JAX sees the GPU: ready."
+    wrong = colab.verdict("tpu", "cpu", {}, {})
+    assert "JAX sees 'cpu' but this runtime looked like a TPU one" in wrong
+    restart = colab.verdict(
+        "tpu", "tpu", {"jax": "0.4.33", "numpy": "2.0.2"}, {"jax": "0.10.2", "numpy": "2.0.2"}
+    )
+    assert "RESTART THE RUNTIME NOW" in restart and "jax 0.4.33 -> 0.10.2" in restart
+    assert "numpy" not in restart
+    assert colab.parse_versions("jax=0.4.33,numpy=2.0.2") == {"jax": "0.4.33", "numpy": "2.0.2"}

@@ -1,4 +1,4 @@
-"""End-to-end logits against transformers' DeepseekV2ForCausalLM (DESIGN.md 2), fp32."""
+"""End-to-end logits against transformers' DeepseekV2ForCausalLM (docs/design.md 2), fp32."""
 
 import numpy as np
 import pytest

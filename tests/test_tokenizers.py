@@ -1,5 +1,5 @@
 """Tokenizers: bytes round-trip; an HF tokenizer.json + tokenizer_config.json directory gives
-the ids, chat rendering and decoding that transformers' AutoTokenizer gives (DESIGN.md 8)."""
+the ids, chat rendering and decoding that transformers' AutoTokenizer gives (docs/design.md 8)."""
 
 import json
 

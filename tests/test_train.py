@@ -134,7 +134,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_unknown_config_field_fails_before_any_work():
     proc = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/tiny.py", "--config.train.stepz=5"],
+        [sys.executable, "train.py", "--config", "tiny", "--config.train.stepz=5"],
         cwd=ROOT,
         capture_output=True,
         text=True,

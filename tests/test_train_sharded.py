@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config, devices: int, log: str, *extra: str, file="configs/tiny.py", **flag_kw):
+def launch(config, devices: int, log: str, *extra: str, file="tiny", **flag_kw):
     """train.py --config `file` in a subprocess with `devices` fake CPU devices, the rest of
     `config` as flags (`flag_kw`: cli_flags' options); stderr to `log`."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -114,8 +114,8 @@ def test_two_processes_grpo_like_one(tmp_path):
     """GRPO as two processes samples the same answers, scores them alike and makes the same
     updates as one process: rollouts are gathered to every host and placed back on the mesh."""
     sys.path.insert(0, ROOT)
-    from configs import grpo as grpo_config
-    from configs import sft as sft_config
+    from deepseek_jax.configs import grpo as grpo_config
+    from deepseek_jax.configs import sft as sft_config
 
     narrow = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32}
     data = write_additions(tmp_path / "add.jsonl")
@@ -141,7 +141,7 @@ def test_two_processes_grpo_like_one(tmp_path):
         config.train.compilation_cache = CACHE
         config.grpo.update(dict(init_from=str(tmp_path / "sft"), prompts_per_step=4, group_size=4))
         configs[name] = config
-    run_like_one(configs, tmp_path, file="configs/grpo.py", model_keys=tuple(narrow))
+    run_like_one(configs, tmp_path, file="grpo", model_keys=tuple(narrow))
 
     one, two = (read(c.train.run_dir) for c in configs.values())
     assert [r["step"] for r in two if r["kind"] == "train"] == [1, 2]

@@ -1,8 +1,10 @@
 """Converts a checkpoint between the HF/PyTorch format and ours (orbax), either way.
 
-    python -m deepseek_jax.checkpoint.convert --from hf --to orbax DeepSeek-V2-Lite lite_orbax
-    python -m deepseek_jax.checkpoint.convert lite_orbax lite_hf --dtype bfloat16
-    python -m deepseek_jax.checkpoint.convert deepseek-ai/DeepSeek-V2-Lite-Chat lite --mesh expert=8
+    deepseek-jax-convert --from hf --to orbax DeepSeek-V2-Lite lite_orbax
+    deepseek-jax-convert lite_orbax lite_hf --dtype bfloat16
+    deepseek-jax-convert deepseek-ai/DeepSeek-V2-Lite-Chat lite --mesh expert=8
+
+(= python -m deepseek_jax.checkpoint.convert; flags as every command's, cli/parser.py).
 
 The source is a directory or a hub id. Without --from, a source holding a config.json is HF
 and anything else orbax; without --to, the target is the other format. --dtype sets the
@@ -14,12 +16,12 @@ Tokenizer files, chat template and generation_config.json travel with the weight
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from deepseek_jax.checkpoint import is_hf_dir, load_checkpoint, split_step
 from deepseek_jax.checkpoint.hf import NP_DTYPES, save_hf
 from deepseek_jax.checkpoint.hub import local_dir
+from deepseek_jax.cli.parser import Parser
 from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.parallel.mesh import make_mesh, parse_mesh
 
@@ -69,16 +71,15 @@ def mesh_from_flag(flag: str | None):
         raise UserError(str(e)) from None
 
 
-@report_errors("convert")
+@report_errors("deepseek-jax-convert")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("deepseek-jax-convert", __doc__)
     parser.add_argument("source", help="HF dir, hub id (owner/name) or run dir[:step]")
     parser.add_argument("target")
     parser.add_argument("--from", dest="from_format", choices=FORMATS)
     parser.add_argument("--to", dest="to_format", choices=FORMATS)
     parser.add_argument("--dtype", choices=sorted(NP_DTYPES))
     parser.add_argument("--mesh", help="e.g. expert=8 or fsdp=4,expert=2 (default: one device)")
-    parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
     mesh = mesh_from_flag(args.mesh)
     used = convert(args.source, args.target, args.from_format, args.to_format, args.dtype, mesh)

@@ -118,7 +118,7 @@ def read_meta(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: write the ArrayRecord data with "
-            "`python -m deepseek_jax.data.prepare --config CONFIG --out DIR` first"
+            "`deepseek-jax-prepare --config CONFIG --out DIR` first"
         )
     with open(path) as f:
         return json.load(f)

@@ -1,9 +1,11 @@
 """Tokenizes and packs a text source once into ArrayRecord files for any-size training.
 
-    python -m deepseek_jax.data.prepare --config configs/tiny.py \
+    deepseek-jax-prepare --config tiny \
         --config.data.source=jsonl --config.data.path='data/*.jsonl' --out data/packed
-    python train.py --config configs/tiny.py \
+    deepseek-jax-train --config tiny \
         --config.data.source=arrayrecord --config.data.path=data/packed
+
+(the command is deepseek_jax/cli/prepare.py).
 
 Writes train.arrayrecord and eval.arrayrecord (one packed row a record, see pipeline.encode_row)
 and meta.json (seq_len, tokenizer, row counts), which train.py checks against its config.
@@ -14,20 +16,16 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
-from ml_collections import config_flags
 
 from deepseek_jax.data import pipeline
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "output folder", required=True)
+from deepseek_jax.errors import UserError
 
 
 def prepare(data_cfg, out: str) -> dict:
     """Writes the rows of both splits under `out`; returns the metadata it saved."""
     if data_cfg.source == "arrayrecord":
-        raise ValueError("data.source='arrayrecord' is already prepared: give a text source")
+        raise UserError("data.source='arrayrecord' is already prepared: give a text source")
     os.makedirs(out, exist_ok=True)
     tokenizer = pipeline.make_tokenizer(data_cfg.tokenizer)
     rows = pipeline.packed_rows(data_cfg, tokenizer, data_cfg.seq_len)
@@ -46,13 +44,3 @@ def prepare(data_cfg, out: str) -> dict:
     with open(os.path.join(out, pipeline.META), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
-
-
-def main(argv):
-    del argv
-    meta = prepare(_CONFIG.value.data, _OUT.value)
-    print(f"wrote {meta['rows']} rows of {meta['seq_len'] + 1} tokens to {_OUT.value}")
-
-
-if __name__ == "__main__":
-    app.run(main)

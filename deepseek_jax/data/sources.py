@@ -16,6 +16,8 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
+from deepseek_jax.errors import UserError
+
 TEXT_SOURCES = ("stdlib", "text", "jsonl", "parquet")
 
 
@@ -77,17 +79,17 @@ def read_parquet(files: list[str], field: str) -> Iterator[str]:
 
 def documents(source: str, path: str = "", text_field: str = "text") -> Iterator[str]:
     """The documents of one source kind (see the module docstring)."""
+    if source not in TEXT_SOURCES:  # checked first: an unknown source is the mistake to name
+        raise UserError(
+            f"data.source={source!r}: choose one of {TEXT_SOURCES}, 'arrayrecord' (see prepare) "
+            "or 'chat' (SFT)"
+        )
     if source == "stdlib":
         return read_files(stdlib_files())
     if not path:
-        raise ValueError(f"data.source={source!r} needs data.path (a file, folder or glob)")
+        raise UserError(f"data.source={source!r} needs data.path (a file, folder or glob)")
     if source == "text":
         return read_files(expand(path))
     if source == "jsonl":
         return read_jsonl(expand(path, ".jsonl"), text_field)
-    if source == "parquet":
-        return read_parquet(expand(path, ".parquet"), text_field)
-    raise ValueError(
-        f"data.source={source!r}: choose one of {TEXT_SOURCES}, 'arrayrecord' (see prepare) or "
-        "'chat' (SFT)"
-    )
+    return read_parquet(expand(path, ".parquet"), text_field)

@@ -5,7 +5,7 @@ Legend: L layers, B batch, S cache slots (slot index == position), C + R latent 
 The cache is the dict `deepseek_jax.init_cache` makes, {"dense": [L_dense, B, S, C+R],
 "moe": [L_moe, B, S, C+R]}; prefill writes a full forward's latents into its first slots and
 each decode step writes one slot per row. A conventional per-head cache would hold
-H * (dn + dr + dv) numbers per token per layer instead of C + R (DESIGN.md 1).
+H * (dn + dr + dv) numbers per token per layer instead of C + R (docs/design.md 1).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ absorbed form over the latent cache inside one `lax.while_loop`: no Python per t
 With a `mesh` (the training mesh), generation runs on params where they lie: prompts and the
 cache are split on the batch by `deepseek_jax.parallel.rules` (the batch padded to divide
 the token axes, generate/batch.py) and the MoE dispatches over the "expert" axis, so GRPO
-samples the state being trained without a copy (DESIGN.md 5).
+samples the state being trained without a copy (docs/design.md 5).
 """
 
 from __future__ import annotations

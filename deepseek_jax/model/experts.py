@@ -10,7 +10,7 @@ g groups (experts), D model width, I expert width.
 This is `jax.lax.ragged_dot`'s interface (and megablox `gmm`'s), so a TPU/GPU kernel can stand
 behind the same function. The plain implementation here is the one that runs everywhere and
 the one the CPU uses: `lax.ragged_dot` lowers to a dense masked dot on XLA:CPU (g times the
-work, DESIGN.md 7), and gathering each tile's expert weights (the previous implementation)
+work, docs/design.md 7), and gathering each tile's expert weights (the previous implementation)
 copied [tiles, D, I] per matrix forward and scatter-added it back in the backward.
 
 Here the work is a loop over fixed-size row tiles, each owned by one expert: a tile reads its

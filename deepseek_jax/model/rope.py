@@ -71,7 +71,7 @@ def apply_rope(x: jnp.ndarray, cos_BTF: jnp.ndarray, sin_BTF: jnp.ndarray) -> jn
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """(dn + dr)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (DESIGN.md 1)."""
+    """(dn + dr)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (docs/design.md 1)."""
     scale = cfg.qk_head_dim**-0.5
     if cfg.rope_scaling is not None:
         scale *= yarn_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim) ** 2

@@ -1,5 +1,5 @@
 """Expert parallelism: the routed experts of one MoE layer, dispatched by all-to-all over the
-"expert" mesh axis inside `jax.shard_map` (paper 2.2.2-2.2.4, DESIGN.md 5).
+"expert" mesh axis inside `jax.shard_map` (paper 2.2.2-2.2.4, docs/design.md 5).
 
 Legend: N tokens, n = N / (devices splitting tokens) tokens on one device, D model width,
 I expert width (I/tp on one device), E routed experts, P devices on "expert", L = E / P experts

@@ -1,7 +1,7 @@
 """Costs read from a compiled XLA program's text (`jax.jit(f).lower(...).compile().as_text()`).
 
 What a step costs at scale is measured from the program the compiler produced, not from
-formulas (DESIGN.md "The device-level budget"):
+formulas (docs/design.md, "The device-level budget"):
 
     all_to_all_bytes(text)          bytes one device hands to all-to-all ops
     dot_flops(text, scope="experts")  FLOPs of the dot ops under a jax.named_scope, per device

@@ -1,4 +1,4 @@
-"""The device mesh: axes ("data", "fsdp", "expert", "tensor"), any of size 1 (DESIGN.md 5).
+"""The device mesh: axes ("data", "fsdp", "expert", "tensor"), any of size 1 (docs/design.md 5).
 
 data    pure data parallelism: batch split, params replicated
 fsdp    batch split, params split on "embed" and gathered for compute (ZeRO-3)
@@ -13,6 +13,8 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
+from deepseek_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -20,7 +22,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, de
     """A Mesh over the first data*fsdp*expert*tensor devices (all of `devices` if given).
 
     Axes are AxisType.Auto: the logical-rules workflow (`with_sharding_constraint` with a spec,
-    jit in/out shardings) fails on jax.make_mesh's default Explicit axes (DESIGN.md 7).
+    jit in/out shardings) fails on jax.make_mesh's default Explicit axes (docs/design.md 7).
     """
     shape = (data, fsdp, expert, tensor)
     for name, size in zip(MESH_AXES, shape, strict=True):
@@ -49,7 +51,7 @@ def start_processes(
     Values left None are found by `jax.distributed.initialize` itself on TPU pod slices, under
     SLURM and Open MPI (and the address from JAX_COORDINATOR_ADDRESS).
     """
-    # XLA:CPU runs collectives across processes only through gloo (DESIGN.md 7); GPU and TPU
+    # XLA:CPU runs collectives across processes only through gloo (docs/design.md 7); GPU and TPU
     # backends ignore the setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -61,7 +63,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for part in filter(None, spec.split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in MESH_AXES or not value.strip().isdigit():
-            raise ValueError(
+            raise UserError(
                 f"--mesh {spec!r}: write axis=size pairs separated by commas, axes from {MESH_AXES}"
             )
         sizes[name.strip()] = int(value)

@@ -1,8 +1,9 @@
 """Per-device memory, all-to-all traffic and expert FLOPs of a config on a mesh, without
 allocating it.
 
-    python -m deepseek_jax.parallel.plan --preset v2 --mesh data=4,expert=8 \
-        --param-dtype bfloat16 --dtype bfloat16
+    deepseek-jax-plan --preset v2 --mesh data=4,expert=8 --param_dtype bfloat16 --dtype bfloat16
+
+(= python -m deepseek_jax.parallel.plan; flags as every command's, cli/parser.py.)
 
 Params, their gradients, AdamW's two moments (all in the params' dtype, as the train step
 keeps them) and the latent cache come from `jax.eval_shape` and the
@@ -17,7 +18,6 @@ the rules, so it imports the model (the model never imports it).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
@@ -26,8 +26,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import PRESETS, ModelConfig, preset
-from deepseek_jax.errors import report_errors
+from deepseek_jax.cli.parser import Parser
+from deepseek_jax.config import DTYPES, PRESETS, ModelConfig, preset
+from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.model.experts import tile_rows
 from deepseek_jax.model.moe import route
 from deepseek_jax.model.transformer import init_cache, init_params
@@ -128,9 +129,9 @@ def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: b
     }
 
 
-@report_errors("plan")
+@report_errors("deepseek-jax-plan")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("deepseek-jax-plan", __doc__)
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
     parser.add_argument("--mesh", default="data=1", help="e.g. data=4,fsdp=2,expert=8")
     parser.add_argument(
@@ -140,10 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         help="sequences per step (default 10 per batch-splitting device, so that the 10%% "
         "never-drop sequences are spread over the devices rather than all or nothing)",
     )
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--capacity-factor", type=float, default=1.0, help="0 for dropless")
-    parser.add_argument("--dtype", default=None, help="compute and cache dtype")
-    parser.add_argument("--param-dtype", default=None)
+    parser.add_argument("--seq_len", type=int, default=4096)
+    parser.add_argument("--capacity_factor", type=float, default=1.0, help="0 for dropless")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute and cache dtype")
+    parser.add_argument("--param_dtype", choices=DTYPES)
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -163,6 +164,16 @@ def main(argv: list[str] | None = None) -> None:
         param_dtype=args.param_dtype or preset(args.preset).param_dtype,
     )
     batch = args.batch or 10 * rules.token_devices(mesh)
+    if cfg.n_routed_experts % mesh.shape["expert"]:
+        raise UserError(
+            f"--mesh expert={mesh.shape['expert']} does not divide the {cfg.n_routed_experts} "
+            f"routed experts of {args.preset}: give a divisor"
+        )
+    if batch % rules.token_devices(mesh):
+        raise UserError(
+            f"--batch {batch} does not split over {rules.token_devices(mesh)} devices: "
+            "give a multiple"
+        )
 
     print(
         f"{args.preset} on mesh {dict(mesh.shape)}: params {cfg.param_dtype}, compute "

@@ -1,5 +1,5 @@
 """The one logical-axis rules table: every parameter, optimizer state, cache and activation
-gets its sharding from `RULES` (DESIGN.md 5, STYLE.md "one rules table").
+gets its sharding from `RULES` (docs/design.md 5: one rules table for the whole model).
 
 Model code names array axes logically ("embed", "heads", "expert", ...); `RULES` maps each
 name to mesh axes. As in jax-llm-examples' ShardingRules, an array whose logical axes would

@@ -7,7 +7,7 @@ then makes `updates` optimizer steps on the clipped-ratio objective with a KL pe
 the MoE balance losses (`rl.objective`). The run's mesh, checkpoints, resume and metrics are
 pretraining's (`train.context.RunContext`).
 
-    python train.py --config configs/grpo.py --config.grpo.init_from=runs/sft
+    deepseek-jax-train --config grpo --config.grpo.init_from=runs/sft
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 @register_reward("my_task")
 def my_task(prompt: str, completion: str) -> float: ...
-python train.py --config configs/grpo.py --config.grpo.reward=my_task
+deepseek-jax-train --config grpo --config.grpo.reward=my_task
 """
 
 from __future__ import annotations

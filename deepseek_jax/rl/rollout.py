@@ -4,7 +4,7 @@ Legend: P prompts a step, G samples per prompt, B = P * G, L = longest prompt + 
 positions, N new tokens.
 
 Answers are sampled with `deepseek_jax.generate` from the state being trained, on the same
-mesh and params (DESIGN.md 5), then gathered to every process's host (rewards are Python
+mesh and params (docs/design.md 5), then gathered to every process's host (rewards are Python
 functions of the decoded text) and placed back on the mesh, each process its own rows.
 """
 

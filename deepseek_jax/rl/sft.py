@@ -2,7 +2,7 @@
 rows of whole conversations (`deepseek_jax.data.chat`) whose loss weights cover only the
 assistant's tokens, with the same grain pipeline, mesh, optimizer and checkpoints.
 
-    python train.py --config configs/sft.py --config.data.path=chats.jsonl
+    deepseek-jax-train --config sft --config.data.path=chats.jsonl
 
 Each conversation is rendered by the tokenizer's chat template (tokenizer_config.json's; the
 byte tokenizer has DeepSeek-V2-Chat's built in) and packed with its own segment id, so
@@ -17,7 +17,7 @@ from deepseek_jax.train import loop
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    """SFT as `config` says (configs/sft.py); returns the last eval record."""
+    """SFT as `config` says (deepseek_jax/configs/sft.py); returns the last eval record."""
     if config.data.source != "chat":
         raise ValueError(
             f"config.mode='sft' reads chat data, but data.source={config.data.source!r}: "

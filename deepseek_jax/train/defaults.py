@@ -1,4 +1,4 @@
-"""The ml-collections config every configs/*.py starts from.
+"""The ml-collections config every deepseek_jax/configs/*.py starts from.
 
 model      every ModelConfig field (a preset's values), overridable one by one
 mode       pretrain | sft | grpo (train.py runs the matching loop)
@@ -39,7 +39,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.optimizer.final_fraction = 0.1  # cosine only: final rate / peak
     config.optimizer.clip_norm = 1.0
 
-    config.mesh = ml_collections.ConfigDict()  # DESIGN.md 5; product = every device of the job
+    config.mesh = ml_collections.ConfigDict()  # docs/design.md 5; product = every device of the job
     config.mesh.data = 0  # 0: the devices the other axes leave
     config.mesh.fsdp = 1
     config.mesh.expert = 1

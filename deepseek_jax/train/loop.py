@@ -1,6 +1,6 @@
 """The training loop: data, state, steps, eval, metrics, checkpoints, resume.
 
-    summary = run(config)      # config: the ml-collections dict of configs/*.py
+    summary = run(config)      # config: the ml-collections dict of deepseek_jax/configs/*.py
 
 Resumes from the newest checkpoint in `train.run_dir` that restores completely
 (`train.context.RunContext`): params, optimizer state, step, RNG and the data iterator come

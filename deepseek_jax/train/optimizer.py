@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from deepseek_jax.errors import UserError
+
 SCHEDULES = ("step", "cosine")
 STEP_DECAY = 0.316  # paper 3.2.1: "multiplied by 0.316 after ~60% and ~90% of training"
 STEP_POINTS = (0.6, 0.9)
@@ -19,7 +21,7 @@ def schedule(opt_cfg, steps: int) -> optax.Schedule:
     """Linear warmup from 0, then the step decay or a cosine to the end of training."""
     peak, warmup = opt_cfg.learning_rate, opt_cfg.warmup_steps
     if not 0 <= warmup < steps:
-        raise ValueError(
+        raise UserError(
             f"optimizer.warmup_steps={warmup} must lie in [0, train.steps={steps}): lower it"
         )
     if opt_cfg.schedule == "step":
@@ -31,7 +33,7 @@ def schedule(opt_cfg, steps: int) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, warmup, steps, end_value=peak * opt_cfg.final_fraction
         )
-    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: choose one of {SCHEDULES}")
+    raise UserError(f"optimizer.schedule={opt_cfg.schedule!r}: choose one of {SCHEDULES}")
 
 
 def decay_mask(params):

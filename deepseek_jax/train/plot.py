@@ -6,7 +6,6 @@ python -m deepseek_jax.train.plot runs/default    # -> loss.png, expert_load.png
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import matplotlib
@@ -15,6 +14,9 @@ matplotlib.use("Agg")  # files only: no display on a training machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deepseek_jax import errors  # noqa: E402
+from deepseek_jax.cli.parser import Parser  # noqa: E402
+from deepseek_jax.errors import UserError  # noqa: E402
 from deepseek_jax.train.metrics import read  # noqa: E402
 
 
@@ -93,11 +95,16 @@ def plot_run(run_dir: str) -> list[str]:
     return paths
 
 
+@errors.report_errors("python -m deepseek_jax.train.plot")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser("python -m deepseek_jax.train.plot", __doc__)
     parser.add_argument("run_dir")
-    for path in plot_run(parser.parse_args(argv).run_dir):
-        print(path)
+    run_dir = parser.parse_args(argv).run_dir
+    try:
+        paths = plot_run(run_dir)
+    except FileNotFoundError as e:  # the path is the user's
+        raise UserError(str(e)) from e
+    print("\n".join(paths))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Legend: B global batch, A micro-batches (gradient accumulation), b = B / A, T positions,
 L_moe MoE layers, E routed experts.
 
-The mesh has the axes of DESIGN.md section 5, ("data", "fsdp", "expert", "tensor"); one
+The mesh has the axes of docs/design.md section 5, ("data", "fsdp", "expert", "tensor"); one
 device is the 1x1x1x1 mesh, so single- and multi-device training are the same code. Params
 take `placement.param_shardings`, AdamW's moments `placement.opt_state_shardings` (ZeRO-1), batches
 `rules.batch_sharding`; the jitted steps keep every leaf where it lies, so between steps

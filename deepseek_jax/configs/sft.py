@@ -2,7 +2,7 @@
 The default data is the addition task of `bench/addition_demo.py` (which writes it):
 
     python bench/addition_demo.py --out runs/addition      # or any JSONL of {"messages": ...}
-    python train.py --config configs/sft.py --config.data.path=runs/addition/train.jsonl
+    deepseek-jax-train --config sft --config.data.path=runs/addition/train.jsonl
 """
 
 from deepseek_jax.train.defaults import base_config

@@ -1,7 +1,7 @@
 """The `tiny` preset (byte vocabulary, ~8.7M params) on the standard-library corpus: a smoke
 test and the base of the tests' configs.
 
-    python train.py --config configs/tiny.py --config.train.steps=200
+    deepseek-jax-train --config tiny --config.train.steps=200
 """
 
 from deepseek_jax.train.defaults import base_config

@@ -1,12 +1,12 @@
 """GRPO (mode "grpo") from an SFT run: G samples per prompt from the policy being trained, on
 the training mesh; rewards from a registered function (`deepseek_jax.rl.rewards.REWARDS`).
 
-    python train.py --config configs/grpo.py --config.grpo.init_from=runs/sft
+    deepseek-jax-train --config grpo --config.grpo.init_from=runs/sft
 """
 
 import ml_collections
 
-from configs import sft
+from deepseek_jax.configs import sft
 
 
 def get_config():

@@ -1,5 +1,5 @@
-"""The default job (`python train.py`): a byte-level DeepSeek-V2 on the Python standard
-library's own sources, held-out last 1%, in about 7 minutes on a 2-core CPU.
+"""The default job (`deepseek-jax-train`, `python train.py`): a byte-level DeepSeek-V2 on the
+Python standard library's own sources, held-out last 1%, in about 7 minutes on a 2-core CPU.
 
 The architecture is the `tiny` preset's (MLA + 16 routed experts top-2 of 4 groups, 1 shared,
 a dense first layer) with narrower FFNs, in batches of 16 rows of 128 bytes: on this CPU

@@ -1,8 +1,8 @@
 """The `small` preset (~100M params, 32k vocabulary): needs a 32k tokenizer's prepared data.
 
-    python -m deepseek_jax.data.prepare --config configs/small.py \
+    deepseek-jax-prepare --config small \
         --config.data.tokenizer=... --config.data.source=jsonl --config.data.path=... --out DIR
-    python train.py --config configs/small.py --config.data.source=arrayrecord \
+    deepseek-jax-train --config small --config.data.source=arrayrecord \
         --config.data.path=DIR
 """
 
