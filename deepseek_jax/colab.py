@@ -22,9 +22,8 @@ import shutil
 import subprocess
 import sys
 
-from deepseek_jax import errors
 from deepseek_jax.cli.parser import Parser
-from deepseek_jax.errors import UserError
+from deepseek_jax.errors import UserError, report_errors
 
 # Where the notebooks install from. The project's public home is not settled: the notebooks'
 # install cells and README's Colab links carry this placeholder, and nothing installs until a
@@ -116,7 +115,7 @@ def parse_versions(text: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in filter(None, text.split(",")))
 
 
-@errors.report_errors("python -m deepseek_jax.colab")
+@report_errors("python -m deepseek_jax.colab")
 def main(argv: list[str] | None = None) -> None:
     p = Parser("python -m deepseek_jax.colab", __doc__)
     p.add_argument("--repo", default=REPO_URL, help="the git URL to install from")

@@ -9,10 +9,9 @@ import math
 
 import jax
 
-from deepseek_jax import errors
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import PRESETS, ModelConfig, preset
-from deepseek_jax.errors import UserError
+from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.model.transformer import init_params
 
 
@@ -55,7 +54,7 @@ def summary(cfg: ModelConfig) -> str:
     )
 
 
-@errors.report_errors("python -m deepseek_jax.sizes")
+@report_errors("python -m deepseek_jax.sizes")
 def main(argv: list[str] | None = None) -> None:
     parser = Parser("python -m deepseek_jax.sizes", __doc__)
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))

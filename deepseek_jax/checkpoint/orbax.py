@@ -34,10 +34,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from deepseek_jax import errors
 from deepseek_jax.checkpoint.hf import copy_tokenizer_files
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.errors import UserError
+from deepseek_jax.errors import UserError, debugging
 from deepseek_jax.model.transformer import init_params
 
 MODEL_CONFIG = "model_config.json"
@@ -196,7 +195,7 @@ def load_params(
     return cfg, restored.params
 
 
-class CheckpointError(errors.UserError):
+class CheckpointError(UserError):
     """A checkpoint that could not be written or read; the message is one line with the fix."""
 
 
@@ -225,7 +224,7 @@ class OrbaxErrors(logging.Filter):
             return True
         if self.error is None:
             self.error = record.exc_info[1] if record.exc_info else record.getMessage()
-        return errors.debugging()
+        return debugging()
 
 
 class Checkpoints:
@@ -259,7 +258,7 @@ class Checkpoints:
         """After a failed save, tensorstore's pending writes call back into orbax's asyncio loop,
         already closed, and print each RuntimeError as unraisable (measured: up to 50 tracebacks
         per failure): noise after the fact, the cause is in hand."""
-        quiet = isinstance(unraisable.exc_value, RuntimeError) and not errors.debugging()
+        quiet = isinstance(unraisable.exc_value, RuntimeError) and not debugging()
         if not (quiet and str(unraisable.exc_value) == "Event loop is closed"):
             self.unraisablehook(unraisable)
 

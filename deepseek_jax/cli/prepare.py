@@ -9,14 +9,14 @@ once into ArrayRecord files, for training at any size (deepseek_jax/data/prepare
 
 from __future__ import annotations
 
-from deepseek_jax import errors
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli.parser import Parser
+from deepseek_jax.errors import report_errors
 
 PROG = "deepseek-jax-prepare"
 
 
-@errors.report_errors(PROG)
+@report_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
     p = Parser(PROG, __doc__)
     cli_args.add_config_flags(p)

@@ -21,13 +21,12 @@ import time
 import jax
 
 import deepseek_jax as dj
-from deepseek_jax import errors
 from deepseek_jax.checkpoint import split_step
 from deepseek_jax.checkpoint.hub import local_dir
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.data.tokenizers import ByteTokenizer, TextStream, load_tokenizer
-from deepseek_jax.errors import UserError
+from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.generate.cache import describe
 from deepseek_jax.parallel.mesh import parse_mesh
 
@@ -95,7 +94,7 @@ def load(args):
     return cfg, params, tokenizer, mesh
 
 
-@errors.report_errors(PROG)
+@report_errors(PROG)
 def main(argv=None) -> None:
     args = parse(argv)
     cfg, params, tokenizer, mesh = load(args)

@@ -21,10 +21,9 @@ every host with --distributed (TPU pod slices, SLURM, Open MPI: JAX finds the re
 
 from __future__ import annotations
 
-from deepseek_jax import errors
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli.parser import Parser
-from deepseek_jax.errors import UserError
+from deepseek_jax.errors import UserError, report_errors
 
 PROG = "deepseek-jax-train"
 MODES = ("pretrain", "sft", "grpo")
@@ -67,7 +66,7 @@ def distributed(args) -> bool:
     return bool(args.distributed or given)
 
 
-@errors.report_errors(PROG)
+@report_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
     args, config = cli_args.parse(parser(), argv, with_config=True)
     if args.print_config:

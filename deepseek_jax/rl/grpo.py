@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from deepseek_jax import errors
 from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data.pipeline import make_tokenizer
+from deepseek_jax.errors import UserError
 from deepseek_jax.parallel import rules
 from deepseek_jax.rl import rollout as rollouts
 from deepseek_jax.rl.objective import group_advantages, make_reference_fn, make_update_step
@@ -128,7 +128,7 @@ def initial_params(settings: GRPOSettings, cfg: ModelConfig, shardings) -> dict:
     """The params GRPO starts from (and the frozen reference): `init_from`'s checkpoint of
     step `init_step` (-1: the latest), placed on the mesh by the rules."""
     if not settings.init_from:
-        raise errors.UserError(
+        raise UserError(
             "grpo.init_from is empty: give the run directory of an SFT (or pretraining) run, "
             "e.g. --config.grpo.init_from=runs/sft"
         )
@@ -139,14 +139,14 @@ def initial_params(settings: GRPOSettings, cfg: ModelConfig, shardings) -> dict:
 
 def check_sizes(settings: GRPOSettings, prompts: int, path: str, mesh: Mesh) -> None:
     if settings.prompts_per_step > prompts:
-        raise errors.UserError(
+        raise UserError(
             f"grpo.prompts_per_step={settings.prompts_per_step} but {path} holds "
             f"{prompts} prompts: lower it or add prompts"
         )
     samples = settings.prompts_per_step * settings.group_size
     splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
     if samples % splits:
-        raise errors.UserError(
+        raise UserError(
             f"grpo.prompts_per_step x grpo.group_size = {samples} samples do not split over "
             f"the {splits} devices of mesh axes {rules.token_axes()}: make the product a "
             f"multiple of {splits}"

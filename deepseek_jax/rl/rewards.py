@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from deepseek_jax import errors
+from deepseek_jax.errors import UserError
 
 # reward(prompt_text, completion_text) -> float; prompt_text is the last user message.
 RewardFn = Callable[[str, str], float]
@@ -29,7 +29,7 @@ def register_reward(name: str):
 
 def reward_fn(name: str) -> RewardFn:
     if name not in REWARDS:
-        raise errors.UserError(
+        raise UserError(
             f"grpo.reward={name!r} is not registered: choose one of {sorted(REWARDS)} or "
             "register one with @deepseek_jax.rl.rewards.register_reward(name)"
         )
@@ -47,7 +47,7 @@ def reversed_sum(prompt: str, completion: str) -> float:
     model learns in minutes on a CPU (bench/addition_demo.py)."""
     match = re.fullmatch(r"\s*(\d+)\s*\+\s*(\d+)\s*", prompt)
     if match is None:
-        raise errors.UserError(
+        raise UserError(
             f"reward 'reversed_sum' needs prompts like '12+34', got {prompt!r}: "
             "use prompts of that form or another grpo.reward"
         )

@@ -18,9 +18,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import errors
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import chat
+from deepseek_jax.errors import UserError
 from deepseek_jax.generate.loop import generate
 from deepseek_jax.parallel import rules
 
@@ -70,7 +70,7 @@ def last_user_turn(messages: list[dict]) -> tuple[list[dict], str]:
     """The conversation up to its last user message, and that message's text."""
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
-        raise errors.UserError(
+        raise UserError(
             f"a GRPO prompt needs a user message; got roles {[m['role'] for m in messages]}: "
             "give every conversation of data.path a user turn"
         )

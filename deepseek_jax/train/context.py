@@ -23,10 +23,10 @@ import jax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from deepseek_jax import errors
 from deepseek_jax.checkpoint import orbax as ckpt
 from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.errors import UserError
 from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
 from deepseek_jax.train.metrics import MetricsLog, Silent
 
@@ -57,7 +57,7 @@ def train_mesh(sizes: Mapping[str, int]) -> Mesh:
     if sizes["data"] == 0 and devices % others == 0:
         sizes["data"] = devices // others
     if math.prod(sizes.values()) != devices:
-        raise errors.UserError(
+        raise UserError(
             f"config.mesh {sizes} spans {math.prod(sizes.values())} devices, but "
             f"{jax.process_count()} process(es) hold {devices}: set the axis sizes so that "
             f"data x fsdp x expert x tensor = {devices} (--config.mesh.data=0 fills data in)"

@@ -18,16 +18,16 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from deepseek_jax import errors
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline
+from deepseek_jax.errors import UserError
 from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.context import RunContext, RunSettings
 
 
-class NonFiniteLossError(errors.UserError):
+class NonFiniteLossError(UserError):
     """The loss or gradient norm became NaN or infinite: the message names the last good
     checkpoint and the settings to change."""
 
@@ -35,7 +35,7 @@ class NonFiniteLossError(errors.UserError):
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     cfg = ModelConfig.from_dict(config.model.to_dict())
     if cfg.vocab_size < vocab_size:
-        raise errors.UserError(
+        raise UserError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
             f"set --config.model.vocab_size={vocab_size}"
         )
@@ -47,12 +47,12 @@ def check_batch(train_cfg, mesh) -> int:
     processes = jax.process_count()
     splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
     if train_cfg.batch_size % (processes * train_cfg.micro_steps):
-        raise errors.UserError(
+        raise UserError(
             f"train.batch_size={train_cfg.batch_size} must be divisible by processes "
             f"({processes}) x train.micro_steps ({train_cfg.micro_steps})"
         )
     if train_cfg.batch_size // train_cfg.micro_steps % splits:
-        raise errors.UserError(
+        raise UserError(
             f"a micro-batch of train.batch_size / train.micro_steps = "
             f"{train_cfg.batch_size} / {train_cfg.micro_steps} sequences does not split over "
             f"the {splits} devices of mesh axes {rules.token_axes()}: make it a multiple of {splits}"

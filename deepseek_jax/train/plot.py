@@ -14,9 +14,8 @@ matplotlib.use("Agg")  # files only: no display on a training machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax import errors  # noqa: E402
 from deepseek_jax.cli.parser import Parser  # noqa: E402
-from deepseek_jax.errors import UserError  # noqa: E402
+from deepseek_jax.errors import UserError, report_errors  # noqa: E402
 from deepseek_jax.train.metrics import read  # noqa: E402
 
 
@@ -95,7 +94,7 @@ def plot_run(run_dir: str) -> list[str]:
     return paths
 
 
-@errors.report_errors("python -m deepseek_jax.train.plot")
+@report_errors("python -m deepseek_jax.train.plot")
 def main(argv: list[str] | None = None) -> None:
     parser = Parser("python -m deepseek_jax.train.plot", __doc__)
     parser.add_argument("run_dir")
