@@ -5,4 +5,6 @@
     deepseek-jax-prepare  = python -m deepseek_jax.cli.prepare
     deepseek-jax-convert  = python -m deepseek_jax.checkpoint.convert
     deepseek-jax-plan     = python -m deepseek_jax.parallel.plan
+
+The last two live beside the library code they drive and share the flag style of parser.py.
 """
