@@ -132,7 +132,9 @@ def test_a_failed_save_stops_the_run_in_one_line(tmp_path, fault):
     assert time.time() - start < 60
     lines = [x for x in stderr.replace("\r", "\n").splitlines() if x and not x.startswith("train:")]
     assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith(f"train.py: could not save checkpoint step 4 in {checkpoints} (")
+    assert lines[0].startswith(
+        f"deepseek-jax-train: could not save checkpoint step 4 in {checkpoints} ("
+    )
     assert ("File too large" if fault == "disk full" else "Not a directory") in lines[0]
     assert "the last complete checkpoint is step 2" in lines[0]
     os.makedirs(tmp_path / "kept" / "checkpoints")

@@ -69,4 +69,4 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         main(argv)
     err = capsys.readouterr().err
-    assert err.startswith("convert: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("deepseek-jax-convert: ") and message in err and err.count("\n") == 1, err

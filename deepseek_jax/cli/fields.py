@@ -52,6 +52,7 @@ FIELDS = {
     "model.param_dtype": "params dtype: float32 | bfloat16 | float16",
     "model.remat_policy": "what the backward pass recomputes: none | full | dots_saveable | ...",
     "model.scan_unroll": "layers per nn.scan iteration (unrolled short stacks run faster)",
+    "model.attention_block_size": "keys per block of the blockwise attention; None: the platform's default",
     # data (deepseek_jax/data)
     "data.source": "stdlib | text | jsonl | parquet | arrayrecord | chat",
     "data.path": "file, folder or glob of the source (arrayrecord: the prepare output folder)",
@@ -87,6 +88,8 @@ FIELDS = {
     "train.async_checkpoint": "write checkpoints in the background",
     "train.run_dir": "where checkpoints, metrics and TensorBoard logs go; rerun to resume",
     "train.compilation_cache": "a folder: compiled steps are reused across runs; '': none",
+    "train.save_timeout_s": "longest wait on one checkpoint call before the run stops with an error",
+    "train.init_from": "a fresh run's weights: an HF dir, a hub id or a run dir[:step]; '': random",
     # grpo (configs/grpo.py, deepseek_jax/rl/grpo.py)
     "grpo.init_from": "the run whose params start the policy and the reference",
     "grpo.init_step": "its checkpoint to start from; -1: the latest",
