@@ -23,6 +23,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.data import pipeline
 from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import schedule
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.metrics import MetricsLog, Silent
 
@@ -92,6 +93,7 @@ def eval_record(loss: float, tokenizer: str) -> dict:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Trains as `config` says; returns the last eval record (and the unigram baseline)."""
+    config, plan = schedule.resolve(config)  # train.steps from train.tokens; the batch ramp
     tc = config.train
     if tc.compilation_cache:
         jax.config.update(
@@ -99,17 +101,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
         )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     mesh = steps.train_mesh(config.mesh)
+    splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
+    schedule.check_batches(plan, tc.micro_steps, splits, jax.process_count())
     local_batch = check_batch(tc, mesh)
     seq_len = config.data.seq_len
     rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
     shard, shards = jax.process_index(), jax.process_count()
-    train_ds = pipeline.train_batches(rows["train"], local_batch, tc.seed, shard, shards)
+    local_batches = plan.batches.per_process(shards)  # one compile of the step per size
+    train_ds = pipeline.train_batches(rows["train"], local_batches, tc.seed, shard, shards)
     eval_ds = pipeline.eval_batches(rows["eval"], local_batch, tc.eval_batches, shard, shards)
     final_eval_ds = pipeline.eval_batches(rows["eval"], local_batch, 0, shard, shards)
     cfg = model_config(config, pipeline.make_tokenizer(tokenizer).vocab_size)
     baseline = unigram_nats(rows["train"], final_eval_ds, cfg.vocab_size)
 
-    optimizer = opt.make_optimizer(config.optimizer, tc.steps)
+    optimizer = opt.make_optimizer(config.optimizer, plan)
     state, shardings = steps.init_sharded_state(cfg, optimizer, tc.seed, mesh)
     data_iter = iter(train_ds)
     # One writer for the files every process would write alike (one filesystem is assumed,
@@ -123,7 +128,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         tqdm.write(f"resumed {tc.run_dir} at step {int(state.step)}")
 
     train_step = steps.make_train_step(
-        cfg, optimizer, opt.schedule(config.optimizer, tc.steps), mesh, shardings, tc.micro_steps
+        cfg, optimizer, opt.schedule(config.optimizer, plan), mesh, shardings, tc.micro_steps
     )
     eval_step = steps.make_eval_step(cfg, mesh, shardings.params)
     log = MetricsLog(tc.run_dir) if primary else Silent()
@@ -141,7 +146,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
         dynamic_ncols=True,
         disable=not primary,
     )
-    tokens_per_step = tc.batch_size * seq_len
     clock, clock_step = time.perf_counter(), start
     try:
         for step in range(start + 1, tc.steps + 1):
@@ -156,7 +160,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.perf_counter()
-                rate = tokens_per_step * (step - clock_step) / (now - clock)
+                rate = (plan.tokens_after(step) - plan.tokens_after(clock_step)) / (now - clock)
                 clock, clock_step = now, step
                 log.write("train", step, {**metrics, "tokens_per_s": rate})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
