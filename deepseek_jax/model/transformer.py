@@ -7,9 +7,10 @@ L layers, C + R latent-cache width.
     out.logits [B, T, V]; out.aux: balance losses (summed over MoE layers) and load [L_moe, E]
 
 Attention is causal within a sequence. `segment_ids` [B, T] (packed documents) confine it to
-one document; give `positions` that restart at each document. With `cache` (a dict of
-[L, B, S, C + R] latents from `init_cache`), the new tokens are written at their positions and
-attention runs in MLA's absorbed form over the cache: that is the decode step.
+one document; give `positions` that restart at each document. `token_mask` [B, T] (1 real,
+0 padding; None: all real) keeps padding out of the MoE balance losses. With `cache` (a dict
+of [L, B, S, C + R] latents from `init_cache`), the new tokens are written at their positions
+and attention runs in MLA's absorbed form over the cache: that is the decode step.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Block(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
+    def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL, token_mask_BT=None):
         cfg = self.cfg
         with jax.named_scope("mla"):
             h, latents = MLA(cfg, name="attn")(
@@ -72,7 +73,7 @@ class Block(nn.Module):
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
-                h, aux = MoE(cfg, self.mesh, name="mlp")(normed)
+                h, aux = MoE(cfg, self.mesh, name="mlp")(normed, token_mask_BT)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
         return x_BTD + h, (latents, aux)
@@ -95,6 +96,7 @@ def stack(
             nn.broadcast,
             nn.broadcast,
             0 if with_cache else nn.broadcast,
+            nn.broadcast,
         ),
         length=length,
         unroll=min(cfg.scan_unroll, length),
@@ -125,7 +127,9 @@ class DeepSeekV2(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None) -> Output:
+    def __call__(
+        self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, token_mask_BT=None
+    ) -> Output:
         cfg = self.cfg
         b, t = tokens_BT.shape
         if positions_BT is None:
@@ -154,7 +158,13 @@ class DeepSeekV2(nn.Module):
                 continue
             layers = stack(cfg, moe, length, cache is not None, f"{key}_layers", self.mesh)
             x, (new_cache[key], aux) = layers(
-                x, cos, sin, mask, positions_BT, None if cache is None else cache[key]
+                x,
+                cos,
+                sin,
+                mask,
+                positions_BT,
+                None if cache is None else cache[key],
+                token_mask_BT,
             )
             if moe:
                 moe_aux = aux

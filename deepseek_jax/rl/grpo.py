@@ -122,14 +122,20 @@ def teacher_forced(
 
 
 def answer_logprobs(
-    cfg: ModelConfig, params, tokens_BL, starts_B, n: int, mesh: Mesh | None = None
+    cfg: ModelConfig,
+    params,
+    tokens_BL,
+    starts_B,
+    n: int,
+    mesh: Mesh | None = None,
+    token_mask_BL=None,
 ):
     """log pi(answer token j | prompt, answer[:j]) [B, N] by one teacher-forced forward, and
-    the forward's output (for its balance losses)."""
+    the forward's output (for its balance losses, over the tokens of `token_mask_BL`)."""
     out = steps.forward(
         cfg,
         params,
-        {"inputs": tokens_BL, "positions": None, "segment_ids": None},
+        {"inputs": tokens_BL, "positions": None, "segment_ids": None, "token_mask": token_mask_BL},
         mesh,
     )
     logp_BL = token_logprobs(out.logits[:, :-1], tokens_BL[:, 1:])  # [B, L - 1]
@@ -161,8 +167,11 @@ def make_update_step(
 
     def step(state: TrainState, r: Rollout):
         def loss_fn(params):
+            # Balance losses over the prompt and the answer up to its eos, not the padding.
+            ends_B1 = (r.starts + r.answer_mask.sum(axis=1).astype(r.starts.dtype))[:, None]
+            real_BL = jnp.arange(r.tokens.shape[1])[None, :] < ends_B1
             logp, out = answer_logprobs(
-                cfg, params, r.tokens, r.starts, r.answer_mask.shape[1], mesh
+                cfg, params, r.tokens, r.starts, r.answer_mask.shape[1], mesh, real_BL
             )
             stats = grpo_loss(
                 logp, r.old_logp, r.ref_logp, r.advantages, r.answer_mask, clip_eps, kl_coef

@@ -82,6 +82,7 @@ def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None):
         batch["inputs"],
         positions_BT=batch["positions"],
         segment_ids_BT=batch["segment_ids"],
+        token_mask_BT=batch.get("token_mask"),  # padded rows: padding out of the balance losses
     )
 
 
