@@ -296,7 +296,7 @@ def test_an_epoch_past_the_end_is_reshuffled(tmp_path):
     assert not np.array_equal(first, second)
 
 
-def test_loop_trains_on_the_ramp_and_rejects_a_size_that_does_not_split(tmp_path):
+def test_loop_trains_on_the_ramp_starts_from_init_from_and_rejects_a_bad_size(tmp_path):
     config = small_config(tmp_path / "a", steps=6, log_every=1, eval_every=6, save_every=6)
     config.train.ramp_start, config.train.ramp_tokens, config.train.ramp_stages = 2, 2 * 64 * 3, 1
     run(config)
@@ -304,6 +304,14 @@ def test_loop_trains_on_the_ramp_and_rejects_a_size_that_does_not_split(tmp_path
     targets = [r["tokens"] for r in records if r["kind"] == "train"]
     # 3 steps of 2 rows of 64, then 3 of 4 (a document boundary drops a target or so)
     assert all(100 < t <= 128 for t in targets[:3]) and all(200 < t <= 256 for t in targets[3:])
+
+    # A later stage starts from this run's params (train.init_from), not from scratch.
+    later = small_config(tmp_path / "c", steps=1, log_every=1, eval_every=1, save_every=1)
+    later.train.init_from, later.optimizer.warmup_steps = config.train.run_dir, 0
+    run(later)
+    first = [json.loads(x) for x in open(os.path.join(later.train.run_dir, "metrics.jsonl"))]
+    ce = [r["ce"] for r in records if r["kind"] == "train"]
+    assert first[0]["ce"] < ce[0] - 1.0 and first[0]["ce"] == pytest.approx(ce[-1], abs=0.5)
 
     config = small_config(tmp_path / "b", micro_steps=2)
     config.train.ramp_start, config.train.ramp_tokens, config.train.ramp_stages = 3, 384, 1

@@ -126,6 +126,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if manager.latest_step() is not None:
         state = ckpt.restore(manager, state, data_iter)
         tqdm.write(f"resumed {tc.run_dir} at step {int(state.step)}")
+    elif tc.init_from:  # a later stage (configs/v2_long.py): the params of an earlier run
+        state = state.replace(params=ckpt.load_params(tc.init_from, None, shardings.params)[1])
+        tqdm.write(f"params from {tc.init_from}")
 
     train_step = steps.make_train_step(
         cfg, optimizer, opt.schedule(config.optimizer, plan), mesh, shardings, tc.micro_steps
