@@ -86,9 +86,10 @@ def test_rendering_and_mask_match_transformers(tmp_path):
 def test_pack_keeps_conversations_whole_and_apart():
     convs = [chat.render(ByteTokenizer(), MESSAGES[1:3]) for _ in range(3)]
     width = len(convs[0][0])
-    tokens, segments, masks = chat.pack(convs, seq_len=2 * width + 4)  # two fit a row
+    tokens, segments, masks, real = chat.pack(convs, seq_len=2 * width + 4)  # two fit a row
     assert tokens.shape == (2, 2 * width + 5)
     assert segments[0].tolist() == [0] * width + [1] * width + [2] * 5  # padding: its own
+    assert real[0].tolist() == [1] * 2 * width + [0] * 5
     assert masks[0, -5:].sum() == 0 and (tokens[1, :width] == convs[2][0]).all()
 
     ex = packing.example(tokens[0], segments[0], masks[0])
@@ -101,7 +102,7 @@ def test_pack_keeps_conversations_whole_and_apart():
 
 def test_sft_loss_ignores_prompt_tokens():
     ids, mask = chat.render(ByteTokenizer(), MESSAGES[1:3])
-    tokens, segments, masks = chat.pack([(ids, mask)], seq_len=len(ids) - 1)
+    tokens, segments, masks, _ = chat.pack([(ids, mask)], seq_len=len(ids) - 1)
     ex = packing.example(tokens[0], segments[0], masks[0])
     # Exactly the reply's tokens (and eos) are targets.
     assert ex["weights"].sum() == sum(mask)

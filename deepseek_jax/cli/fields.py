@@ -68,6 +68,8 @@ FIELDS = {
     "optimizer.weight_decay": "AdamW decoupled weight decay",
     "optimizer.warmup_steps": "linear warmup steps",
     "optimizer.schedule": "step (the paper's x0.316 at 60% and 90%) | cosine",
+    "optimizer.decay_at": "step: fractions of the run's tokens where the rate is multiplied",
+    "optimizer.decay_factor": "step: the factor applied at each decay_at point (paper: 0.316)",
     "optimizer.final_fraction": "cosine only: final rate / peak rate",
     "optimizer.clip_norm": "global gradient norm clip",
     # mesh (deepseek_jax/parallel)
@@ -76,7 +78,12 @@ FIELDS = {
     "mesh.expert": "expert-parallel axis size: routed experts split, all-to-all dispatch",
     "mesh.tensor": "tensor-parallel axis size (heads and FFN widths split)",
     # train (deepseek_jax/train/loop.py)
-    "train.steps": "optimizer steps (grpo: rollout batches)",
+    "train.steps": "optimizer steps (grpo: rollout batches); 0 with train.tokens: from tokens",
+    "train.tokens": "the run's length in tokens (train.steps 0); 0: train.steps gives it",
+    "train.ramp_start": "batch ramp: the first batch size; 0: no ramp (batch_size throughout)",
+    "train.ramp_tokens": "batch ramp: tokens over which the batch rises to batch_size",
+    "train.ramp_stages": "batch ramp: distinct sizes before batch_size (one compile each)",
+    "train.continues": "the stage this config continues; then train.init_from is required",
     "train.batch_size": "global batch, in sequences of data.seq_len",
     "train.micro_steps": "gradient accumulation: batch_size / micro_steps rows per pass",
     "train.seed": "seed of the params and the data order",

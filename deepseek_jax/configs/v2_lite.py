@@ -1,6 +1,11 @@
-"""DeepSeek-V2-Lite (15.7B total, 2.4B active) with the paper's recipe (section 3.2.1):
-AdamW (0.9, 0.95), weight decay 0.1, 2000 warmup steps, x0.316 at 60% and 90%, clip 1.0,
-sequence length 4096, bf16 compute. Needs accelerators and the mesh of the parallel runner.
+"""DeepSeek-V2-Lite (15.7B total, 2.4B active) pretraining, paper Appendix B:
+
+5.7T tokens at sequence length 4096 with a constant batch of 4608 sequences; AdamW (0.9,
+0.95), weight decay 0.1, clip 1.0; the rate warmed up over 2000 steps to 4.2e-4, then x0.316
+after 80% and after 90% of the tokens; balance loss alpha1 = 0.001 only: all experts of a
+layer sit on one device (one routing group), where the device- and communication-level losses
+are a constant 1 with zero gradient, so their weights are 0. Plain RoPE at 4K (YaRN comes with
+the long-context stage). bf16 compute; needs accelerators.
 """
 
 from deepseek_jax.train.defaults import base_config
@@ -10,11 +15,19 @@ def get_config():
     config = base_config("v2_lite")
     config.model.dtype = "bfloat16"
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    config.model.rope_scaling = None
+    config.model.max_position_embeddings = 4096
+    config.model.aux_loss_alpha1 = 0.001
+    config.model.aux_loss_alpha2 = 0.0
+    config.model.aux_loss_alpha3 = 0.0
+    config.mesh.expert = 1  # every expert of a layer on one device (Appendix B)
     config.data.seq_len = 4096
     config.optimizer.learning_rate = 4.2e-4
     config.optimizer.warmup_steps = 2000
-    config.train.steps = 100000
-    config.train.batch_size = 512
-    config.train.micro_steps = 8
+    config.optimizer.decay_at = (0.8, 0.9)
+    config.train.steps = 0
+    config.train.tokens = 5_700_000_000_000
+    config.train.batch_size = 4608
+    config.train.micro_steps = 9  # 512 sequences per micro-batch
     config.train.run_dir = "runs/v2_lite"
     return config

@@ -5,7 +5,7 @@ Legend: T sequence length, R rows. A conversation is a list of messages {"role",
 (tokenizers.py); a JSONL chat file holds one {"messages": [...]} a line.
 
     ids, mask = render(tokenizer, messages)   # mask 1 on each assistant reply and its eos
-    tokens, segments, masks = pack([(ids, mask), ...], seq_len)   # each [R, T + 1]
+    tokens, segments, masks, real = pack([(ids, mask), ...], seq_len)   # each [R, T + 1]
 
 The mask is found the way the template itself draws the turns: assistant turn i's tokens are
 those after the rendering of messages[:i] with the generation prompt ("Assistant:") and up to
@@ -61,11 +61,13 @@ def render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 def pack(
     conversations: list[tuple[list[int], list[int]]], seq_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Whole conversations laid end to end into rows of T + 1 tokens; one that does not fit
     what is left of a row starts the next, and one longer than T + 1 is cut to its first
     T + 1 tokens. Returns tokens, segments (0, 1, ... per conversation; the padding at a row's
-    end is a segment of its own) and loss masks (0 on padding), each [R, T + 1] int32."""
+    end is a segment of its own), loss masks (0 on padding) and `real` (1 on the
+    conversations' tokens, 0 on the padding: what the balance losses count), each [R, T + 1]
+    int32."""
     width = seq_len + 1
     rows: list[list[tuple[list[int], list[int]]]] = [[]]
     used = 0
@@ -76,7 +78,7 @@ def pack(
             used = 0
         rows[-1].append((ids, mask))
         used += len(ids)
-    tokens, segments, masks = (np.zeros((len(rows), width), np.int32) for _ in range(3))
+    tokens, segments, masks, real = (np.zeros((len(rows), width), np.int32) for _ in range(4))
     for r, row in enumerate(rows):
         at = 0
         for s, (ids, mask) in enumerate(row):
@@ -84,14 +86,15 @@ def pack(
             segments[r, at : at + len(ids)] = s
             masks[r, at : at + len(ids)] = mask
             at += len(ids)
+        real[r, :at] = 1
         segments[r, at:] = len(row)
-    return tokens, segments, masks
+    return tokens, segments, masks, real
 
 
 def chat_rows(
     path: str, tokenizer, seq_len: int, holdout_fraction: float, field: str = "messages"
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{"train", "eval"} -> packed (tokens, segments, masks); the last `holdout_fraction` of
+    """{"train", "eval"} -> packed (tokens, segments, masks, real); the last `holdout_fraction` of
     the conversations (in file order) are held out."""
     rendered = [render(tokenizer, m) for m in read_conversations(path, field)]
     held = int(round(len(rendered) * holdout_fraction))

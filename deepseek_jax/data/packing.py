@@ -67,25 +67,33 @@ def renumber(segments: np.ndarray) -> np.ndarray:
 
 
 def example(
-    tokens: np.ndarray, segments: np.ndarray, loss_mask: np.ndarray | None = None
+    tokens: np.ndarray,
+    segments: np.ndarray,
+    loss_mask: np.ndarray | None = None,
+    real: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One row (tokens [T + 1], segments [T + 1]) -> model inputs and loss targets, each [T].
 
     `loss_mask` [T + 1] (chat rows, `deepseek_jax.data.chat`): 1 on the tokens to learn (an
-    assistant's), 0 on the rest; a target is weighted only where it is 1."""
+    assistant's), 0 on the rest; a target is weighted only where it is 1. `real` [T + 1] (chat
+    rows): 0 on padding; it becomes `token_mask`, the inputs the MoE balance losses count.
+    Packed text has no padding, hence no `token_mask` (every input counts)."""
     inputs, targets = tokens[:-1], tokens[1:]
     seg_in = segments[:-1]
     index = np.arange(len(inputs))
     first = np.concatenate([[True], seg_in[1:] != seg_in[:-1]])
     positions = index - np.maximum.accumulate(np.where(first, index, 0))
     mask = np.ones_like(segments) if loss_mask is None else loss_mask
-    return {
+    fields = {
         "inputs": inputs.astype(np.int32),
         "targets": targets.astype(np.int32),
         "positions": positions.astype(np.int32),
         "segment_ids": seg_in.astype(np.int32),
         "weights": ((segments[1:] == seg_in) & (mask[1:] > 0)).astype(np.float32),
     }
+    if real is not None:
+        fields["token_mask"] = (real[:-1] > 0).astype(np.float32)
+    return fields
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

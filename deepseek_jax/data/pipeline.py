@@ -7,18 +7,26 @@ default standard-library corpus) or from ArrayRecord files written once by `prep
 size; random access from disk). Training batches are a seeded global shuffle of the rows,
 reshuffled each epoch, then this process's 1/P share of them: the iterator's state (an index)
 is saved with each checkpoint and restores the exact next batch.
+
+The batch size may change with the step (`BatchSizes`: the paper's batch ramp, 3.2.1): batch
+i then holds the next `BatchSizes.at(i + 1)` examples of the same endless stream, so a ramp
+reorders nothing and a resumed run still reads exactly what a straight one would.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import os
+import sys
 
 import grain
 import numpy as np
 
 from deepseek_jax.data import chat, packing, sources
 from deepseek_jax.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer
+from deepseek_jax.errors import UserError
 
 META = "meta.json"
 
@@ -62,10 +70,10 @@ def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray
 
 class InMemoryRows:
     """Random access to packed rows held in memory: row i -> (tokens, segments), or (tokens,
-    segments, loss mask) for chat rows."""
+    segments, loss mask, real) for chat rows (`chat.pack`)."""
 
-    def __init__(self, tokens_RT: np.ndarray, segments_RT: np.ndarray, masks_RT=None):
-        self.fields = (tokens_RT, segments_RT) + (() if masks_RT is None else (masks_RT,))
+    def __init__(self, tokens_RT: np.ndarray, segments_RT: np.ndarray, *chat_RT: np.ndarray):
+        self.fields = (tokens_RT, segments_RT, *chat_RT)
 
     def __len__(self) -> int:
         return len(self.fields[0])
@@ -128,17 +136,78 @@ def to_examples(rows: grain.MapDataset) -> grain.MapDataset:
     return rows.map(lambda row: packing.example(*row))
 
 
-def train_batches(
-    rows: grain.MapDataset, batch: int, seed: int, shard: int = 0, shards: int = 1
-) -> grain.MapDataset:
-    """Endless batches of `batch` examples [B, T]: shuffled per epoch, this process's share."""
-    if len(rows) // shards < batch:
-        raise ValueError(
-            f"{len(rows)} training rows over {shards} processes cannot fill a batch of {batch}: "
-            "add data or lower train.batch_size"
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+    """The batch size (sequences) of each step, steps counted from 1: stage i starts at step
+    `starts[i]` with `sizes[i]` sequences; the last stage holds to the end of training."""
+
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...] = (1,)
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.starts) or self.starts[0] != 1:
+            raise ValueError(f"{self}: one start per size, the first at step 1")
+        if any(b <= a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)):
+            raise ValueError(f"{self}: stage starts must increase")
+
+    def at(self, step: int) -> int:
+        """Sequences in step `step`."""
+        return self.sizes[bisect.bisect_right(self.starts, step) - 1]
+
+    def before(self, step: int) -> int:
+        """Sequences in steps 1 .. step - 1."""
+        ends = self.starts[1:] + (sys.maxsize,)
+        return sum(
+            size * max(0, min(step, end) - start)
+            for size, start, end in zip(self.sizes, self.starts, ends, strict=True)
         )
-    mine = rows.shuffle(seed)[shard::shards]
-    return to_examples(mine).repeat().batch(batch, drop_remainder=True)
+
+    def per_process(self, processes: int) -> BatchSizes:
+        return BatchSizes(tuple(size // processes for size in self.sizes), self.starts)
+
+
+class StepBatches(grain.MapDataset):
+    """Batch i (training step i + 1) stacks examples [before(i + 1), before(i + 2)) of this
+    process's share of an endless, per-epoch reshuffled example stream: [B_step, T] fields."""
+
+    def __init__(self, examples: grain.MapDataset, sizes: BatchSizes, shard: int, shards: int):
+        super().__init__(examples)
+        self.sizes, self.shard, self.shards = sizes, shard, shards
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return f"StepBatches(sizes={self.sizes}, shard={self.shard}/{self.shards})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        first = self.sizes.before(index + 1)
+        local = range(first, first + self.sizes.at(index + 1))
+        # Process p reads every P-th example of the one global order (the shuffle reshuffles
+        # each epoch for indices past its length).
+        items = self._parent._getitems([j * self.shards + self.shard for j in local])
+        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+
+def train_batches(
+    rows: grain.MapDataset,
+    batch: int | BatchSizes,
+    seed: int,
+    shard: int = 0,
+    shards: int = 1,
+) -> grain.MapDataset:
+    """Endless batches [B, T] of this process's share of the rows, shuffled per epoch.
+
+    `batch`: this process's batch size, or a `BatchSizes` of this process's (a ramp)."""
+    sizes = batch if isinstance(batch, BatchSizes) else BatchSizes((batch,))
+    if len(rows) // shards < max(sizes.sizes):
+        raise UserError(
+            f"{len(rows)} training rows over {shards} processes cannot fill a batch of "
+            f"{max(sizes.sizes)}: add data or lower train.batch_size"
+        )
+    return StepBatches(to_examples(rows.shuffle(seed)), sizes, shard, shards)
 
 
 def eval_batches(

@@ -59,17 +59,26 @@ def route(cfg: ModelConfig, x_ND: jnp.ndarray, centroids_DE: jnp.ndarray) -> Rou
     return Routing(scores, experts.astype(jnp.int32), weights * cfg.routed_scaling_factor)
 
 
-def balance_losses(cfg: ModelConfig, routing: Routing, batch: int) -> dict[str, jnp.ndarray]:
+def balance_losses(
+    cfg: ModelConfig, routing: Routing, batch: int, token_mask_N: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
     """The three auxiliary losses of paper 2.2.3, per sequence, averaged over the batch.
 
-    Also returns `load` [E]: the fraction of this layer's assignments each expert received.
+    Only real tokens count: `token_mask_N` [N] (1 real, 0 padding; None: all real) removes
+    the rest from f and P, T is each sequence's count of real tokens, and a sequence with
+    none is left out of the batch mean. Also returns `load` [E]: the fraction of this
+    layer's (real) assignments each expert received.
     """
     e, k, g, m = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.groups_per_token
+    real_N = jnp.ones(routing.scores.shape[0]) if token_mask_N is None else token_mask_N
+    real_N = real_N.astype(jnp.float32)
     chosen = jax.nn.one_hot(routing.experts, e, dtype=jnp.float32).sum(axis=1)  # NE, 0/1
+    chosen = chosen * real_N[:, None]
     chosen_BTE = chosen.reshape(batch, -1, e)
     t = chosen_BTE.shape[1]
-    f = chosen_BTE.sum(axis=1) * e / (k * t)  # BE   (24) f_i
-    p = routing.scores.reshape(batch, -1, e).mean(axis=1)  # BE   (25) P_i
+    t_B1 = jnp.maximum(real_N.reshape(batch, t).sum(axis=1, keepdims=True), 1.0)  # real T
+    f = chosen_BTE.sum(axis=1) * e / (k * t_B1)  # BE   (24) f_i
+    p = (routing.scores * real_N[:, None]).reshape(batch, t, e).sum(axis=1) / t_B1  # (25) P_i
     expert_loss = jnp.sum(f * p, axis=-1)  # (23)
 
     f_dev = f.reshape(batch, g, -1).mean(axis=-1)  # BG   (27) f'_d
@@ -77,13 +86,16 @@ def balance_losses(cfg: ModelConfig, routing: Routing, batch: int) -> dict[str, 
     device_loss = jnp.sum(f_dev * p_dev, axis=-1)  # (26)
 
     sent = chosen_BTE.reshape(batch, t, g, -1).max(axis=-1)  # BTG: token t reaches device d
-    f_comm = sent.sum(axis=1) * g / (m * t)  # (30) f''_d
+    f_comm = sent.sum(axis=1) * g / (m * t_B1)  # (30) f''_d
     comm_loss = jnp.sum(f_comm * p_dev, axis=-1)  # (29), P''_d = P'_d (31)
+
+    has_B = (real_N.reshape(batch, t).sum(axis=1) > 0).astype(jnp.float32)
+    mean = lambda x_B: jnp.sum(x_B * has_B) / jnp.maximum(has_B.sum(), 1.0)  # noqa: E731
     return {
-        "expert_loss": cfg.aux_loss_alpha1 * expert_loss.mean(),
-        "device_loss": cfg.aux_loss_alpha2 * device_loss.mean(),
-        "comm_loss": cfg.aux_loss_alpha3 * comm_loss.mean(),
-        "load": chosen.sum(axis=0) / chosen.sum(),
+        "expert_loss": cfg.aux_loss_alpha1 * mean(expert_loss),
+        "device_loss": cfg.aux_loss_alpha2 * mean(device_loss),
+        "comm_loss": cfg.aux_loss_alpha3 * mean(comm_loss),
+        "load": chosen.sum(axis=0) / jnp.maximum(chosen.sum(), 1.0),
     }
 
 
@@ -160,7 +172,7 @@ class MoE(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray) -> tuple[jnp.ndarray, MoEAux]:
+    def __call__(self, x_BTD: jnp.ndarray, token_mask_BT=None) -> tuple[jnp.ndarray, MoEAux]:
         cfg = self.cfg
         b, t, d = x_BTD.shape
         e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -210,4 +222,5 @@ class MoE(nn.Module):
         y = routed.reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared")(x_BTD)
-        return y, MoEAux(**balance_losses(cfg, routing, b), **stats)
+        mask_N = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
+        return y, MoEAux(**balance_losses(cfg, routing, b, mask_N), **stats)

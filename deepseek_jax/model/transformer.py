@@ -10,9 +10,10 @@ L layers, C + R latent-cache width.
     paper 2.2.4); every other call is dropless. out.aux also reports drop rates and fan-out.
 
 Attention is causal within a sequence. `segment_ids` [B, T] (packed documents) confine it to
-one document; give `positions` that restart at each document. With `cache` (a dict of
-[L, B, S, C + R] latents from `init_cache`), the new tokens are written at their positions and
-attention runs in MLA's absorbed form over the cache: that is the decode step
+one document; give `positions` that restart at each document. `token_mask` [B, T] (1 real,
+0 padding; None: all real) keeps padding out of the MoE balance losses. With `cache` (a dict
+of [L, B, S, C + R] latents from `init_cache`), the new tokens are written at their positions
+and attention runs in MLA's absorbed form over the cache: that is the decode step
 (`deepseek_jax.generate` runs it with `scan_layers=False` on `unstack_params(params)`).
 """
 
@@ -76,7 +77,9 @@ class Block(nn.Module):
     train: bool = False  # the train step's call: the MoE may drop tokens (paper 2.2.4)
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, positions_BT, segment_ids_BT, cache_BSL):
+    def __call__(
+        self, x_BTD, cos, sin, positions_BT, segment_ids_BT, cache_BSL, token_mask_BT=None
+    ):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, self.mesh, RESIDUAL)
         with jax.named_scope("mla"):
@@ -92,7 +95,7 @@ class Block(nn.Module):
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
-                h, aux = MoE(cfg, self.mesh, self.train, name="mlp")(normed)
+                h, aux = MoE(cfg, self.mesh, self.train, name="mlp")(normed, token_mask_BT)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
         return constrain(x_BTD + h, self.mesh, RESIDUAL), (latents, aux)
@@ -121,6 +124,7 @@ def stack(
             nn.broadcast,  # positions
             nn.broadcast,  # segment ids
             0 if with_cache else nn.broadcast,
+            nn.broadcast,  # token mask
         ),
         length=length,
         unroll=min(cfg.scan_unroll, length),
@@ -155,6 +159,7 @@ class DeepSeekV2(nn.Module):
         cache=None,
         logits_at_BK=None,
         train=False,
+        token_mask_BT=None,
     ) -> Output:
         cfg = self.cfg
         b, t = tokens_BT.shape
@@ -187,12 +192,13 @@ class DeepSeekV2(nn.Module):
                 layers = stack(
                     cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train
                 )
-                x, (new_cache[key], aux) = layers(x, *args, cache_L)
+                x, (new_cache[key], aux) = layers(x, *args, cache_L, token_mask_BT)
             else:
                 per_layer = []
                 for l in range(length):
                     block = Block(cfg, moe, self.mesh, train, name=f"{key}_layers_{l}")
-                    x, out = block(x, *args, None if cache is None else cache_L[l])
+                    cache_l = None if cache is None else cache_L[l]
+                    x, out = block(x, *args, cache_l, token_mask_BT)
                     per_layer.append(out)
                 new_cache[key], aux = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
             if moe:

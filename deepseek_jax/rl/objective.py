@@ -89,13 +89,18 @@ def grpo_loss(
 
 
 def answer_logprobs(
-    cfg: ModelConfig, params, tokens_BL, starts_B, n: int, mesh: Mesh | None = None
+    cfg: ModelConfig,
+    params,
+    tokens_BL,
+    starts_B,
+    n: int,
+    mesh: Mesh | None = None,
+    token_mask_BL=None,
 ):
     """log pi(answer token j | prompt, answer[:j]) [B, N] by one teacher-forced forward, and
-    the forward's output (for its balance losses)."""
-    out = steps.forward(
-        cfg, params, {"inputs": tokens_BL, "positions": None, "segment_ids": None}, mesh
-    )
+    the forward's output (for its balance losses, over the tokens of `token_mask_BL`)."""
+    batch = {"inputs": tokens_BL, "positions": None, "segment_ids": None}
+    out = steps.forward(cfg, params, {**batch, "token_mask": token_mask_BL}, mesh)
     logp_BL = token_logprobs(out.logits[:, :-1], tokens_BL[:, 1:])  # [B, L - 1]
     index_BN = starts_B[:, None] - 1 + jnp.arange(n)
     return jnp.take_along_axis(logp_BL, index_BN, axis=1), out
@@ -129,9 +134,14 @@ def make_update_step(
 
     def step(state: TrainState, rollout: Rollout):
         def loss_fn(params):
+            # Balance losses over the prompt and the answer up to its eos, not the padding.
+            answer_len_B = rollout.answer_mask.sum(axis=1).astype(rollout.starts.dtype)
+            ends_B1 = (rollout.starts + answer_len_B)[:, None]
+            real_BL = jnp.arange(rollout.tokens.shape[1])[None, :] < ends_B1
             logp, out = answer_logprobs(
-                cfg, params, rollout.tokens, rollout.starts, rollout.answer_mask.shape[1], mesh
-            )
+                cfg, params, rollout.tokens, rollout.starts, rollout.answer_mask.shape[1], mesh,
+                real_BL,
+            )  # fmt: skip
             own = jax.lax.stop_gradient(logp)
             old_logp = jnp.where(rollout.first_update, own, rollout.old_logp)
             stats = grpo_loss(

@@ -36,6 +36,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.1
     config.optimizer.warmup_steps = 2000
     config.optimizer.schedule = "step"  # step (the paper's) | cosine
+    config.optimizer.decay_at = (0.6, 0.9)  # step: fractions of the run's TOKENS, paper 3.2.1
+    config.optimizer.decay_factor = 0.316  # step: the rate is multiplied by it at each point
     config.optimizer.final_fraction = 0.1  # cosine only: final rate / peak
     config.optimizer.clip_norm = 1.0
 
@@ -46,8 +48,14 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     config.mesh.tensor = 1
 
     config.train = ml_collections.ConfigDict()
-    config.train.steps = 10000
-    config.train.batch_size = 16  # global, in sequences of data.seq_len
+    config.train.steps = 10000  # the run's length: steps, or (steps 0) ...
+    config.train.tokens = 0  # ... tokens; train/schedule.py turns them into steps
+    config.train.batch_size = 16  # global, in sequences of data.seq_len (the ramp's last size)
+    # Batch ramp (paper 3.2.1, train/schedule.py): ramp_stages sizes from ramp_start up, each for
+    # an equal share of ramp_tokens, then batch_size. ramp_start 0: fixed. One compile a size.
+    config.train.ramp_start = 0
+    config.train.ramp_tokens = 0
+    config.train.ramp_stages = 3
     config.train.micro_steps = 1  # gradient accumulation: batch_size / micro_steps per pass
     config.train.seed = 0  # params, data order
     config.train.log_every = 10
@@ -62,4 +70,6 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     # their architecture must be config.model's. A run that has saved resumes instead.
     config.train.init_from = ""
     config.train.compilation_cache = ""  # a folder: compiled steps are reused across runs
+    config.train.init_from = ""  # a run directory whose params start this run
+    config.train.continues = ""  # the stage this config continues (needs init_from), if any
     return config

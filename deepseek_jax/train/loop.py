@@ -23,6 +23,7 @@ from deepseek_jax.data import pipeline
 from deepseek_jax.errors import UserError
 from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import schedule
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.context import RunContext, RunSettings
 
@@ -93,32 +94,34 @@ def eval_record(loss: float, tokenizer: str) -> dict:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Trains as `config` says; returns the last eval record (and the unigram baseline)."""
-    train = config.train
-    with RunContext(RunSettings.from_fields(train), config.mesh) as context:
-        return train_loop(config, context)
+    config, plan = schedule.resolve(config)  # train.steps from train.tokens; the batch ramp
+    with RunContext(RunSettings.from_fields(config.train), config.mesh) as context:
+        return train_loop(config, plan, context)
 
 
-def train_loop(config: ml_collections.ConfigDict, context: RunContext) -> dict:
+def train_loop(config: ml_collections.ConfigDict, plan: schedule.Plan, context: RunContext):
     train, mesh = config.train, context.mesh
+    schedule.check_batches(plan, train.micro_steps, rules.token_devices(mesh), jax.process_count())
     local_batch = check_batch(train, mesh)
     seq_len = config.data.seq_len
     rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
     shard, shards = jax.process_index(), jax.process_count()
-    train_ds = pipeline.train_batches(rows["train"], local_batch, train.seed, shard, shards)
+    local_batches = plan.batches.per_process(shards)  # one compile of the step per size
+    train_ds = pipeline.train_batches(rows["train"], local_batches, train.seed, shard, shards)
     eval_ds = pipeline.eval_batches(rows["eval"], local_batch, train.eval_batches, shard, shards)
     final_eval_ds = pipeline.eval_batches(rows["eval"], local_batch, 0, shard, shards)
     cfg = model_config(config, pipeline.make_tokenizer(tokenizer).vocab_size)
     baseline = unigram_nats(rows["train"], final_eval_ds, cfg.vocab_size)
 
-    optimizer = opt.make_optimizer(config.optimizer, train.steps)
+    optimizer = opt.make_optimizer(config.optimizer, plan)
     state, shardings = steps.init_sharded_state(cfg, optimizer, train.seed, mesh)
     data_iter = iter(train_ds)
+    # Resumes from the run's own newest good checkpoint, else starts from train.init_from.
     state = context.start(cfg, tokenizer, config.to_dict(), state, data_iter)
 
     train_step = steps.make_train_step(
-        cfg, optimizer, opt.schedule(config.optimizer, train.steps), mesh, shardings,
-        train.micro_steps,
-    )  # fmt: skip
+        cfg, optimizer, opt.schedule(config.optimizer, plan), mesh, shardings, train.micro_steps
+    )
     eval_step = steps.make_eval_step(cfg, mesh, shardings.params)
     tqdm.write(
         f"unigram baseline: {baseline:.3f} nats/token"
@@ -134,7 +137,6 @@ def train_loop(config: ml_collections.ConfigDict, context: RunContext) -> dict:
         dynamic_ncols=True,
         disable=not context.primary,
     )
-    tokens_per_step = train.batch_size * seq_len
     clock, clock_step = time.perf_counter(), start
     with bar:
         for step in range(start + 1, train.steps + 1):
@@ -146,7 +148,7 @@ def train_loop(config: ml_collections.ConfigDict, context: RunContext) -> dict:
             bar.update(1)
             if step % train.log_every == 0 or step == train.steps:
                 now = time.perf_counter()
-                rate = tokens_per_step * (step - clock_step) / (now - clock)
+                rate = (plan.tokens_after(step) - plan.tokens_after(clock_step)) / (now - clock)
                 clock, clock_step = now, step
                 context.log.write("train", step, {**metrics, "tokens_per_s": rate})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")

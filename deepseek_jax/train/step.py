@@ -65,6 +65,7 @@ def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None, train: bo
         positions_BT=batch["positions"],
         segment_ids_BT=batch["segment_ids"],
         train=train,
+        token_mask_BT=batch.get("token_mask"),  # padded rows: padding out of the balance losses
     )
 
 
