@@ -217,7 +217,7 @@ def test_plan_printer_prints_the_run_and_bad_input_is_one_line():
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "deepseek_jax.train.schedule: optimizer.decay_at=(0.6, 1.5): give increasing fractions "
+        "python -m deepseek_jax.train.schedule: optimizer.decay_at=(0.6, 1.5): give increasing fractions "
         "of the run's tokens strictly inside (0, 1), e.g. (0.6, 0.9)"
     ]
 
