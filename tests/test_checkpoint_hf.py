@@ -261,13 +261,16 @@ def write_big_checkpoint(directory, **changes):
 def test_sharded_load_peak_memory(tmp_path):
     """On 8 devices with expert=8, the peak resident memory of a load (VmHWM) stays within the
     placed arrays plus one layer's block of one leaf: no host copy of the model or of a leaf.
-    The layer-at-a-time path is forced: it is the one that bounds a real model's load."""
+    The layer-at-a-time path is forced: it is the one that bounds a real model's load. Saving
+    it back from the mesh peaks at a few tensors."""
     write_big_checkpoint(tmp_path)
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) >= 4
-    m = probe(tmp_path, "expert=8", LOAD_PROBE_LAYERWISE="1")
+    m = probe(tmp_path, "expert=8", LOAD_PROBE_LAYERWISE="1", LOAD_PROBE_SAVE="1")
     assert m["checkpoint"] > 250e6 and m["read"] == m["checkpoint"], m
     slack = 32 << 20  # allocator rounding, tracing, small replicated leaves in flight
     assert m["peak"] <= m["placed"] + m["largest_layer_block"] + slack, m
+    # Saving it back from the mesh gathers one tensor at a time: no copy of a leaf or the model.
+    assert m["save_peak"] <= 4 * m["largest_tensor"] + slack, m
     print(json.dumps(m))
 
 
