@@ -11,6 +11,7 @@ import math
 import jax
 
 from deepseek_jax.config import PRESETS, ModelConfig, preset
+from deepseek_jax.errors import report_errors
 from deepseek_jax.model.transformer import init_params
 
 
@@ -53,6 +54,7 @@ def summary(cfg: ModelConfig) -> str:
     )
 
 
+@report_errors("sizes")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))

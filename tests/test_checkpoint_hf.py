@@ -19,8 +19,8 @@ import transformers
 from hf_models import build_hf, hf_logits
 
 import deepseek_jax as dj
+from deepseek_jax.checkpoint import load_checkpoint, read_weights
 from deepseek_jax.checkpoint import orbax as orbax_checkpoint
-from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.checkpoint.hf import placement
 from deepseek_jax.checkpoint.orbax import save_params
 from deepseek_jax.errors import UserError
@@ -335,6 +335,9 @@ def test_read_weights_checks_architecture_only(hf_dir, tmp_path):
     )
     save_params(tmp_path / "run", cfg, params)
     assert_trees_equal(read_weights(f"{tmp_path / 'run'}:0", cfg, placement(cfg, None)), params)
+    cfg16, params16 = load_checkpoint(tmp_path / "run", dtype="bfloat16")  # cast on restore
+    assert cfg16.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {np.dtype(ml_dtypes.bfloat16)}
     one_line_error(
         ["no complete step 5", "[0]"],
         lambda: read_weights(f"{tmp_path / 'run'}:5", cfg, placement(cfg, None)),
