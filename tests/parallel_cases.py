@@ -236,7 +236,7 @@ def test_mesh_and_rules_errors():
 
 def test_generate_on_the_mesh_matches_single_device(setup):
     """Greedy generation with params sharded on (data 2, expert 4): the same tokens as on one
-    device, with the batch split (8 rows) and replicated (3 rows)."""
+    device, with the batch split (8 rows) and padded to the mesh (3 rows -> 8)."""
     params, tokens = setup
     mesh = dj.make_mesh(**MESHES["data2_expert4"])
     placed = dj.shard_params(CFG, params, mesh)

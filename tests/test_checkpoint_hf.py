@@ -19,8 +19,8 @@ import transformers
 from hf_models import build_hf, hf_logits
 
 import deepseek_jax as dj
+from deepseek_jax.checkpoint import load_checkpoint, read_weights
 from deepseek_jax.checkpoint import orbax as orbax_checkpoint
-from deepseek_jax.checkpoint import read_weights
 from deepseek_jax.checkpoint.hf import placement
 from deepseek_jax.checkpoint.orbax import save_params
 from deepseek_jax.errors import UserError
@@ -261,13 +261,16 @@ def write_big_checkpoint(directory, **changes):
 def test_sharded_load_peak_memory(tmp_path):
     """On 8 devices with expert=8, the peak resident memory of a load (VmHWM) stays within the
     placed arrays plus one layer's block of one leaf: no host copy of the model or of a leaf.
-    The layer-at-a-time path is forced: it is the one that bounds a real model's load."""
+    The layer-at-a-time path is forced: it is the one that bounds a real model's load. Saving
+    it back from the mesh peaks at a few tensors."""
     write_big_checkpoint(tmp_path)
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) >= 4
-    m = probe(tmp_path, "expert=8", LOAD_PROBE_LAYERWISE="1")
+    m = probe(tmp_path, "expert=8", LOAD_PROBE_LAYERWISE="1", LOAD_PROBE_SAVE="1")
     assert m["checkpoint"] > 250e6 and m["read"] == m["checkpoint"], m
     slack = 32 << 20  # allocator rounding, tracing, small replicated leaves in flight
     assert m["peak"] <= m["placed"] + m["largest_layer_block"] + slack, m
+    # Saving it back from the mesh gathers one tensor at a time: no copy of a leaf or the model.
+    assert m["save_peak"] <= 4 * m["largest_tensor"] + slack, m
     print(json.dumps(m))
 
 
@@ -332,6 +335,9 @@ def test_read_weights_checks_architecture_only(hf_dir, tmp_path):
     )
     save_params(tmp_path / "run", cfg, params)
     assert_trees_equal(read_weights(f"{tmp_path / 'run'}:0", cfg, placement(cfg, None)), params)
+    cfg16, params16 = load_checkpoint(tmp_path / "run", dtype="bfloat16")  # cast on restore
+    assert cfg16.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {np.dtype(ml_dtypes.bfloat16)}
     one_line_error(
         ["no complete step 5", "[0]"],
         lambda: read_weights(f"{tmp_path / 'run'}:5", cfg, placement(cfg, None)),

@@ -19,6 +19,7 @@ from train_helpers import CACHE, write_additions
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint import orbax as ckpt
+from deepseek_jax.checkpoint.convert import main as convert_main
 from deepseek_jax.errors import UserError
 from deepseek_jax.rl import sft
 from deepseek_jax.train.defaults import base_config
@@ -139,3 +140,15 @@ def test_a_mesh_that_does_not_divide_is_named(tmp_path):
     assert "attn/w_o of shape (1, 4, 12, 64): dimension 1 (4)" in message, message
     assert "('tensor',) of 8 devices" in message, message
     assert "\n" not in message
+
+
+def test_convert_streams_both_ways_on_the_mesh(lite, tmp_path):
+    """convert --mesh expert=8: HF -> orbax -> HF, the params read onto the mesh each way."""
+    directory, _, _, cfg, params = lite
+    convert_main([str(directory), str(tmp_path / "orbax"), "--mesh", "expert=8"])
+    convert_main([str(tmp_path / "orbax"), str(tmp_path / "hf"), "--mesh", "expert=8"])
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    back_cfg, back = dj.load_hf(tmp_path / "hf")
+    assert back_cfg.architecture_difference(cfg) is None
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -208,7 +208,7 @@ def load_hf(
     checkpoint's own (bf16 for the published weights). mesh: each leaf is born a sharded
     jax.Array placed by the rules table; this process fills only its own devices' blocks,
     each read from the memory-mapped tensors it overlaps, once per distinct block. Peak host
-    memory above the finished arrays: one block and one HF tensor's mapped pages.
+    memory above the finished arrays: one layer's block of one leaf (`read_leaf`).
     """
     path = local_dir(path)
     cfg, tensors = open_checkpoint(path)

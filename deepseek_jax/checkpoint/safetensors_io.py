@@ -282,7 +282,7 @@ class ShardedWriter:
             with open(os.path.join(self.directory, name), "wb") as out, open(part, "rb") as data:
                 out.write(struct.pack("<Q", len(header_bytes)))
                 out.write(header_bytes)
-                shutil.copyfileobj(data, out, length=64 << 20)
+                shutil.copyfileobj(data, out, length=4 << 20)  # a small buffer: RSS
             os.remove(part)
             names.append(name)
             weight_map.update({k: name for k in header})
