@@ -188,6 +188,7 @@ def expert_weights(cfg, seed=0):
     return [jax.random.normal(k, s) * 0.1 for k, s in zip(keys, shapes, strict=True)]
 
 
+@pytest.mark.parametrize("models", ["group_limited"], indirect=True)
 def test_fast_dispatch_matches_the_reference_values_and_gradients(models):
     """routed_experts (grouped matmul) = reference_experts (a gather per assignment), in the
     output and in the gradients of x, gates and the three expert matrices; an expert id E

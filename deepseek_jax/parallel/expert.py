@@ -32,6 +32,7 @@ to it. Every PartitionSpec and collective axis comes from the rules table (`rule
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -98,7 +99,7 @@ def devices_per_token(cfg: ModelConfig, p: int) -> int:
     return min(cfg.num_experts_per_tok, p)
 
 
-@struct.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     """The static sizes of one call's dispatch (all per device)."""
 
