@@ -126,6 +126,17 @@ def test_decode_never_expands_the_cache():
     assert not expanded, f"per-head keys/values over the cache: {expanded}"
 
 
+def test_prefill_computes_only_the_last_logits():
+    """No value in the prefill program spans prompt positions and the vocabulary: the head
+    runs on each row's last real position alone (its logits: the test below)."""
+    cfg, params = random_params("plain")
+    tokens, lengths = pad_prompts(cfg, [[1, 2, 3, 4, 5], [6]], max_new_tokens=3)
+    jaxpr = jax.make_jaxpr(functools.partial(prefill, cfg, params, cache_len=8))(tokens, lengths)
+    shapes = set(all_shapes(jaxpr.jaxpr))
+    assert (2, 5, cfg.hidden_size) in shapes  # the check can see the prompt axis
+    assert not [s for s in shapes if 5 in s and cfg.vocab_size in s]
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_decode_logits_equal_full_forward(name):
     """Ragged prefill (lengths 3 and 1), then one token a step: every position's logits

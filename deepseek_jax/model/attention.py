@@ -31,10 +31,10 @@ from deepseek_jax.errors import UserError
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, not NaN
 
-# Keys per block when the config leaves it unset. On the CPU a 2048-key sequence ran faster
-# on the plain path than in blocks (bench/long_context.py --ab; README, long context), and
-# the plain path keeps every sequence up to the block size.
-DEFAULT_BLOCK = {"cpu": 2048, "gpu": 512, "tpu": 512}
+# Keys per block when the config leaves it unset; sequences up to one block keep the plain
+# path. On the CPU, blocks already beat the plain path at 512 and 1024 tokens of `tiny`
+# (bench/long_context.py --ab, interleaved on a shared machine: README, long context).
+DEFAULT_BLOCK = {"cpu": 512, "gpu": 512, "tpu": 512}
 
 
 def default_block() -> int:
