@@ -18,6 +18,8 @@ from typing import Any
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention, decode and expert-matmul implementations (deepseek_jax/kernels/select.py).
+KERNELS = ("auto", "plain", "tpu", "cuda", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,8 @@ class ModelConfig:
     # out of the stacked array (12% of the `tiny` train step on the CPU, measured); compile
     # time grows with it, so deep models keep 1.
     scan_unroll: int = 1
+    # "auto": Pallas/cuDNN kernels where the lowering platform and shapes allow, else plain.
+    kernels: str = "auto"
 
     def __post_init__(self):
         positive = (
@@ -152,6 +156,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {DTYPES}")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll}: must be >= 1 (1: no unrolling)")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels={self.kernels!r}: choose one of {KERNELS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
         if isinstance(self.rope_scaling, dict):

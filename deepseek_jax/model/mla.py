@@ -24,8 +24,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.attention import expanded_attention, segments_from_mask
+from deepseek_jax.kernels.decode import latent_decode
 from deepseek_jax.model.layers import RMSNorm, weight
 from deepseek_jax.model.rope import apply_rope, softmax_scale
 
@@ -48,6 +51,7 @@ class MLA(nn.Module):
     """
 
     cfg: ModelConfig
+    mesh: Mesh | None = None  # where a kernel (cfg.kernels) runs per shard
 
     def setup(self):
         cfg = self.cfg
@@ -96,19 +100,36 @@ class MLA(nn.Module):
                 q = jnp.concatenate([q_c, q_r], axis=-1)  # (16)
                 k_r = jnp.broadcast_to(k_r[:, :, None], (*k_c.shape[:3], k_r.shape[-1]))
                 k = jnp.concatenate([k_c, k_r], axis=-1)  # (17)
-                scores = jnp.einsum("BTHK,BSHK->BHTS", q, k)
-                probs = attend(scores * scale, mask).astype(v_c.dtype)
-                o = jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (18)
+
+                def plain(q, k, v_c, segments):
+                    scores = jnp.einsum("BTHK,BSHK->BHTS", q, k)
+                    probs = attend(scores * scale, mask).astype(v_c.dtype)
+                    return jnp.einsum("BHTS,BSHV->BTHV", probs, v_c)  # (18)
+
+                segments = segments_from_mask(mask, x_BTD.shape[0])
+                o = expanded_attention(
+                    self.cfg.kernels, q, k, v_c, segments, scale, plain, self.mesh
+                )
             return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (19)
 
         with jax.named_scope("mla_absorbed"):
             rows = jnp.arange(x_BTD.shape[0])[:, None]
             cache = cache.at[rows, positions_BT].set(new_latents.astype(cache.dtype))
-            c_kv, k_r = cache[..., :c].astype(x_BTD.dtype), cache[..., c:].astype(x_BTD.dtype)
             q_latent = jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk)  # W_UK absorbed into q
-            scores = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_kv)
-            scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
-            probs = attend(scores * scale, mask).astype(c_kv.dtype)
-            o_latent = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv)
+
+            def plain(q_latent, q_r, cache, lengths):
+                c_kv, k_r = cache[..., :c].astype(x_BTD.dtype), cache[..., c:].astype(x_BTD.dtype)
+                scores = jnp.einsum("BTHC,BSC->BHTS", q_latent, c_kv)
+                scores += jnp.einsum("BTHR,BSR->BHTS", q_r, k_r)
+                probs = attend(scores * scale, mask).astype(c_kv.dtype)
+                return jnp.einsum("BHTS,BSC->BTHC", probs, c_kv)
+
+            if x_BTD.shape[1] == 1:  # one query per row (decode): row b sees slots 0..position
+                lengths = positions_BT[:, 0] + 1
+                o_latent = latent_decode(
+                    self.cfg.kernels, q_latent, q_r, cache, lengths, scale, plain, self.mesh
+                )
+            else:
+                o_latent = plain(q_latent, q_r, cache, None)
             o = jnp.einsum("BTHC,CHV->BTHV", o_latent, self.w_uv)  # W_UV absorbed into output
         return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), cache

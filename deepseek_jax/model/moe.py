@@ -20,6 +20,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.gmm import routed_swiglu
 from deepseek_jax.model.layers import MLP, grouped_swiglu, weight
 from deepseek_jax.parallel.expert import expert_parallel, never_drop_tokens
 
@@ -144,8 +145,15 @@ class MoE(nn.Module):
             if b * t <= SLOTTED_MAX_TOKENS:
                 routed = slotted_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
             else:
-                routed = grouped_swiglu(
-                    x_ND, routing.experts, routing.weights, w_gate, w_up, w_down
+                routed = routed_swiglu(
+                    cfg.kernels,
+                    grouped_swiglu,
+                    x_ND,
+                    routing.experts,
+                    routing.weights,
+                    w_gate,
+                    w_up,
+                    w_down,
                 )
         else:
             never_drop = never_drop_tokens(cfg, b, t)

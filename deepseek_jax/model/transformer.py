@@ -65,7 +65,7 @@ class Block(nn.Module):
     def __call__(self, x_BTD, cos, sin, mask, positions_BT, cache_BSL):
         cfg = self.cfg
         with jax.named_scope("mla"):
-            h, latents = MLA(cfg, name="attn")(
+            h, latents = MLA(cfg, self.mesh, name="attn")(
                 RMSNorm(cfg, name="attn_norm")(x_BTD), cos, sin, mask, positions_BT, cache_BSL
             )
         x_BTD = x_BTD + h

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.gmm import routed_swiglu
 from deepseek_jax.model.layers import grouped_swiglu
 from deepseek_jax.parallel.rules import token_axes
 
@@ -135,7 +136,9 @@ def exchange(cfg: ModelConfig, c: int, x_nD, never_drop_n, routing, w_gate, w_up
         x_RD, expert_RK, gate_RK = send(x_PCD), send(expert_PCK), send(gate_PCK)
 
     with jax.named_scope("experts"):
-        y_RD = grouped_swiglu(x_RD, expert_RK, gate_RK, w_gate, w_up, w_down)
+        y_RD = routed_swiglu(
+            cfg.kernels, grouped_swiglu, x_RD, expert_RK, gate_RK, w_gate, w_up, w_down
+        )
         y_RD = jax.lax.psum(y_RD, "tensor")  # each tensor rank held I / tp of every expert
 
     with jax.named_scope("combine"):
