@@ -190,5 +190,7 @@ def expert_parallel(
         mesh=mesh,
         in_specs=(rows, rows, P(), experts_in, experts_in, experts_out),
         out_specs=(rows, rows, rows),
-        check_vma=True,
+        # Pallas calls (the grouped-matmul kernels of deepseek_jax/kernels/gmm.py) do not say
+        # how their outputs vary over the mesh, which the check requires of every operation.
+        check_vma=False,
     )(x_ND, jnp.asarray(never_drop_N), centroids_DE, w_gate_EDI, w_up_EDI, w_down_EID)
