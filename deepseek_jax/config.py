@@ -16,7 +16,13 @@ import os
 from typing import Any
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "block_outputs",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 # Attention, decode and expert-matmul implementations (deepseek_jax/kernels/select.py).
 KERNELS = ("auto", "plain", "tpu", "cuda", "interpret")

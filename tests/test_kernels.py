@@ -6,6 +6,10 @@ of V2 (dn 128 + dr 64 = 192 for q/k, dv 128: the mismatch splash must handle), e
 of 128 (one megablox tile), a cache of 256 slots (two decode blocks).
 """
 
+import contextlib
+import io
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +22,7 @@ from deepseek_jax.kernels.decode import pallas_latent_decode
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
 from deepseek_jax.model.rope import rope_cos_sin
-from deepseek_jax.model.transformer import attention_mask
+from deepseek_jax.model.transformer import REMAT_POLICIES, Block, attention_mask
 
 CFG = dj.ModelConfig(
     vocab_size=128,
@@ -71,7 +75,7 @@ def test_splash_attention_equals_plain_mla_values_and_grads():
     """Training attention (packed documents) through MLA: kernels='interpret' vs 'plain'."""
     x, positions, _, mask = packed_inputs()
     cos, sin = rope_cos_sin(CFG, positions)
-    params = MLA(CFG).init(jax.random.key(1), x, cos, sin, mask)["params"]
+    params = jax.jit(MLA(CFG).init)(jax.random.key(1), x, cos, sin, mask)["params"]
 
     def loss(kernels):
         def f(p, x):
@@ -90,7 +94,7 @@ def test_splash_attention_equals_plain_mla_values_and_grads():
 def test_megablox_gmm_equals_plain_moe_values_and_grads():
     """Routed experts through MoE (B*T > the slotted path's tokens): gmm vs the tiled plain."""
     x = jnp.asarray(np.random.RandomState(2).randn(B, 64, CFG.hidden_size).astype(np.float32))
-    params = MoE(CFG).init(jax.random.key(3), x)["params"]
+    params = jax.jit(MoE(CFG).init)(jax.random.key(3), x)["params"]
 
     def f(kernels):
         def loss(p, x):
@@ -116,7 +120,8 @@ def test_latent_decode_kernel_equals_plain_absorbed_mla():
     positions = jnp.array([[37], [200]])
     cos, sin = rope_cos_sin(CFG, positions)
     mask = attention_mask(positions, None, s)
-    params = MLA(CFG).init(jax.random.key(5), x, cos, sin, mask, positions, cache)["params"]
+    init = jax.jit(MLA(CFG).init)
+    params = init(jax.random.key(5), x, cos, sin, mask, positions, cache)["params"]
 
     def step(kernels):
         mla = MLA(CFG.replace(kernels=kernels))
@@ -150,7 +155,7 @@ def test_forced_kernel_on_the_wrong_platform_is_one_line():
     x, positions, _, mask = packed_inputs()
     cos, sin = rope_cos_sin(CFG, positions)
     mla = MLA(CFG.replace(kernels="tpu"))
-    params = MLA(CFG).init(jax.random.key(1), x, cos, sin, mask)["params"]
+    params = jax.jit(MLA(CFG).init)(jax.random.key(1), x, cos, sin, mask)["params"]
     with pytest.raises(UserError) as e:
         jax.jit(lambda p: mla.apply({"params": p}, x, cos, sin, mask))(params)
     message = str(e.value)
@@ -183,9 +188,9 @@ def test_auto_falls_back_to_plain_on_unfit_shapes():
     positions = jnp.arange(t)[None]
     cos, sin = rope_cos_sin(CFG, positions)
     mask = attention_mask(positions, None, None)
-    params = MLA(CFG).init(jax.random.key(0), x, cos, sin, mask)["params"]
+    params = jax.jit(MLA(CFG).init)(jax.random.key(0), x, cos, sin, mask)["params"]
     out = {
-        k: MLA(CFG.replace(kernels=k)).apply({"params": params}, x, cos, sin, mask)[0]
+        k: jax.jit(MLA(CFG.replace(kernels=k)).apply)({"params": params}, x, cos, sin, mask)[0]
         for k in ("auto", "plain")
     }
     np.testing.assert_array_equal(out["auto"], out["plain"])
@@ -194,3 +199,31 @@ def test_auto_falls_back_to_plain_on_unfit_shapes():
 def test_kernels_config_value_is_checked():
     with pytest.raises(ValueError, match="kernels='triton': choose one of"):
         CFG.replace(kernels="triton")
+
+
+def test_block_outputs_remat_saves_the_named_outputs_and_keeps_the_gradients():
+    """remat_policy="block_outputs" on one block: the same gradients as no remat, and of
+    what the block computes the backward keeps only the named MLA output (the FFN's, also
+    named, is the block's output: the next block's input, kept by the layer scan)."""
+    cfg = CFG.replace(hidden_size=64, n_routed_experts=4, kernels="plain")
+    x = jnp.asarray(np.random.RandomState(8).randn(2, 16, 64).astype(np.float32))
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    cos, sin = rope_cos_sin(cfg, positions)
+    mask = attention_mask(positions, None, None)
+    plain = Block(cfg, moe=False)
+    remat = nn.remat(Block, policy=REMAT_POLICIES["block_outputs"], prevent_cse=False)(cfg, False)
+    params = jax.jit(plain.init)(jax.random.key(0), x, cos, sin, mask, positions, None)
+
+    def loss(block):
+        return lambda p, x: jnp.sum(jnp.sin(block.apply(p, x, cos, sin, mask, positions, None)[0]))
+
+    g_remat = jax.jit(jax.grad(loss(remat), argnums=(0, 1)))(params, x)
+    g_plain = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss(remat), params, x)
+    inside = [line for line in printed.getvalue().splitlines() if "deepseek_jax/model" in line]
+    assert len(inside) == 1 and "named 'attn_out'" in inside[0], inside

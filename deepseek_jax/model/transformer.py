@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
@@ -26,10 +27,15 @@ from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE, MoEAux
 from deepseek_jax.model.rope import rope_cos_sin
 
+# Names of the block's two sublayer outputs (checkpoint_name), for the policies below.
+BLOCK_OUTPUTS = ("attn_out", "ffn_out")
 REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep MLA's and the FFN's outputs, recompute inside them: the backward of the FFN then
+    # starts without re-running attention, for two [B, T, D] arrays per layer.
+    "block_outputs": jax.checkpoint_policies.save_only_these_names(*BLOCK_OUTPUTS),
 }
 
 
@@ -68,14 +74,14 @@ class Block(nn.Module):
             h, latents = MLA(cfg, self.mesh, name="attn")(
                 RMSNorm(cfg, name="attn_norm")(x_BTD), cos, sin, mask, positions_BT, cache_BSL
             )
-        x_BTD = x_BTD + h
+        x_BTD = x_BTD + checkpoint_name(h, "attn_out")
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
                 h, aux = MoE(cfg, self.mesh, name="mlp")(normed)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
-        return x_BTD + h, (latents, aux)
+        return x_BTD + checkpoint_name(h, "ffn_out"), (latents, aux)
 
 
 def stack(
