@@ -76,14 +76,15 @@ def by_platform(
     """`plain(*args)`, or the kernel the choice and the lowering platform call for.
 
     A kernel given as a string (the reason it cannot take these shapes, decided statically by
-    the caller) or None (no such kernel): "auto" falls back to `plain`, a forced choice raises
-    a one-line UserError naming `name` and the reason.
+    the caller): "auto" falls back to `plain`, a forced choice raises a one-line UserError
+    naming `name` and the reason. None (no such kernel, e.g. a GPU decode): `plain` is that
+    platform's path, forced or not.
     """
     check_choice(kernels)
     if kernels == "plain":
         return plain(*args)
     if kernels == "interpret":
-        return _required(interpret, name, "interpret")(*args)
+        return _required(interpret, name, "interpret", plain)(*args)
     if kernels == "auto":
         branches = {
             "tpu": tpu if callable(tpu) else plain,
@@ -92,7 +93,7 @@ def by_platform(
         if all(b is plain for b in branches.values()):
             return plain(*args)
         return jax.lax.platform_dependent(*args, **branches, default=plain)
-    forced = _required(tpu if kernels == "tpu" else cuda, name, kernels)
+    forced = _required(tpu if kernels == "tpu" else cuda, name, kernels, plain)
     message = (
         f"kernel {name} (kernels={kernels!r}) cannot run on the {{platform}} platform: use "
         "kernels='auto' (picks per platform) or 'plain', or 'interpret' to emulate the TPU "
@@ -103,9 +104,9 @@ def by_platform(
     )
 
 
-def _required(kernel: Kernel | None, name: str, kernels: str) -> Callable:
-    if kernel is None:
-        raise UserError(f"kernels={kernels!r} has no {name} kernel: use kernels='auto' or 'plain'")
+def _required(kernel: Kernel | None, name: str, kernels: str, plain: Callable) -> Callable:
+    if kernel is None:  # no kernel of that kind for this path (GPU decode): its path is plain
+        return plain
     if isinstance(kernel, str):
         raise UserError(
             f"kernel {name} (kernels={kernels!r}) cannot take {kernel}: use kernels='auto' "
