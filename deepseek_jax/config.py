@@ -18,8 +18,16 @@ from typing import Any
 from deepseek_jax.errors import UserError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "block_outputs",
+)
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention, decode and expert-matmul implementations (deepseek_jax/kernels/select.py).
+KERNELS = ("auto", "plain", "tpu", "cuda", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +107,8 @@ class ModelConfig:
     # Keys (and queries) per attention block once a sequence outgrows one block: no
     # [B, H, T, S] array is then written (model/attention.py). None: the platform's default.
     attention_block_size: int | None = None
+    # "auto": Pallas/cuDNN kernels where the lowering platform and shapes allow, else plain.
+    kernels: str = "auto"
 
     def __post_init__(self):
         positive = (
@@ -160,6 +170,8 @@ class ModelConfig:
                 f"attention_block_size={self.attention_block_size}: must be a positive "
                 "integer, or None for the platform's default"
             )
+        if self.kernels not in KERNELS:
+            raise UserError(f"kernels={self.kernels!r}: choose one of {KERNELS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
         if isinstance(self.rope_scaling, dict):
@@ -395,6 +407,7 @@ HF_FIELDS = (
     Row("remat_policy", X),
     Row("scan_unroll", X),
     Row("attention_block_size", X),
+    Row("kernels", X),
 )
 KINDS = {row.name: row.kind for row in HF_FIELDS}
 # HF fields of variants we do not implement, with the one value we do: any other is refused.

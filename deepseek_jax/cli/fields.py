@@ -52,6 +52,7 @@ FIELDS = {
     "model.param_dtype": "params dtype: float32 | bfloat16 | float16",
     "model.remat_policy": "what the backward pass recomputes: none | full | dots_saveable | ...",
     "model.scan_unroll": "layers per nn.scan iteration (unrolled short stacks run faster)",
+    "model.kernels": "auto (Pallas/cuDNN kernels per lowering platform) | plain | tpu | cuda | interpret",
     "model.attention_block_size": "keys per block of the blockwise attention; None: the platform's default",
     # data (deepseek_jax/data)
     "data.source": "stdlib | text | jsonl | parquet | arrayrecord | chat",

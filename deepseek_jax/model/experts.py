@@ -30,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.kernels.gmm import routed_swiglu
+
 
 def tile_rows(rows: int, groups: int) -> int:
     """Rows per tile: a power of two near rows / (8 groups), between 8 and 128.
@@ -164,12 +166,12 @@ def grouped_swiglu(x_mD, group_sizes_g, w_gate_gDI, w_up_gDI, w_down_gID, tile: 
         return grouped_matmul(jax.nn.silu(gate) * up, w_down_gID, group_sizes_g, tile)
 
 
-def routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDI, w_up_EDI, w_down_EID):
+def routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDI, w_up_EDI, w_down_EID, kernels="plain"):
     """sum_k gate[t, k] * expert_{expert[t, k]}(x[t]), [N, D], by the grouped matmul.
 
     An expert id >= E marks an empty slot (its gate is ignored). Assignments are sorted by
-    expert (empty slots last, outside every group), run as one grouped SwiGLU, and summed back
-    per token.
+    expert (empty slots last, outside every group), run as one grouped SwiGLU (the grouped
+    matmul `kernels` picks per platform, kernels/gmm.py), and summed back per token.
     """
     n, d = x_ND.shape
     e = w_gate_EDI.shape[0]
@@ -177,7 +179,9 @@ def routed_experts(x_ND, expert_NK, gate_NK, w_gate_EDI, w_up_EDI, w_down_EID):
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // expert_NK.shape[1]
     sizes_E = jnp.bincount(expert_A, length=e)  # ids >= E are not counted
-    y_AD = grouped_swiglu(x_ND[token_A], sizes_E, w_gate_EDI, w_up_EDI, w_down_EID)
+    y_AD = routed_swiglu(
+        kernels, grouped_swiglu, x_ND[token_A], sizes_E, w_gate_EDI, w_up_EDI, w_down_EID
+    )
     live_A = expert_A[order_A] < e
     gate_A = jnp.where(live_A, gate_NK.reshape(-1)[order_A], 0).astype(y_AD.dtype)
     return jnp.zeros((n, d), y_AD.dtype).at[token_A].add(y_AD * gate_A[:, None])

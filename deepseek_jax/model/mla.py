@@ -24,8 +24,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.attention import expanded_attention
+from deepseek_jax.kernels.decode import latent_decode
 from deepseek_jax.model.attention import attend
 from deepseek_jax.model.layers import RMSNorm, weight
 from deepseek_jax.model.rope import apply_rope, softmax_scale
@@ -44,6 +47,7 @@ class MLA(nn.Module):
     """
 
     cfg: ModelConfig
+    mesh: Mesh | None = None  # where a kernel (cfg.kernels) runs per shard
 
     def setup(self):
         cfg = self.cfg
@@ -95,31 +99,48 @@ class MLA(nn.Module):
                 k = jnp.concatenate([k_c, k_r], axis=-1)  # (17)
                 # Causal by index: packed documents restart their positions, segments split them.
                 index_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), x_BTD.shape[:2])
-                o = attend(  # (18)
-                    q,
-                    k,
-                    v_c,
-                    scale=scale,
-                    q_positions_BT=index_BT,
-                    segment_ids_BT=segment_ids_BT,
-                    block=block,
+
+                def plain(q, k, v_c, segments_BT):  # (18), in blocks once T passes one
+                    if segment_ids_BT is None:  # one document a row: causality alone
+                        segments_BT = None
+                    return attend(
+                        q, k, v_c, scale=scale, q_positions_BT=index_BT,
+                        segment_ids_BT=segments_BT, block=block,
+                    )  # fmt: skip
+
+                # Kernels by platform (kernels/attention.py) take segment ids always.
+                segments = jnp.zeros(x_BTD.shape[:2], jnp.int32)
+                if segment_ids_BT is not None:
+                    segments = segment_ids_BT
+                o = expanded_attention(
+                    self.cfg.kernels, q, k, v_c, segments, scale, plain, self.mesh
                 )
             return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (19)
 
         with jax.named_scope("mla_absorbed"):
             rows = jnp.arange(x_BTD.shape[0])[:, None]
             cache = cache.at[rows, positions_BT].set(new_latents.astype(cache.dtype))
-            latents_BS1L = cache[:, :, None].astype(x_BTD.dtype)  # one key head shared by all
             q_latent = jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk)  # W_UK absorbed into q
-            # [q W_UK | q_R] . [c_KV | k_R] = q_C . k_C + q_R . k_R: (18)'s scores, read from
-            # the latents in blocks; the values are the c_KV part of the same latents.
-            o_latent = attend(
-                jnp.concatenate([q_latent, q_r], axis=-1),
-                latents_BS1L,
-                latents_BS1L[..., :c],
-                scale=scale,
-                q_positions_BT=positions_BT,
-                block=block,
-            )
+
+            def plain(q_latent, q_r, cache, lengths_B):
+                # [q W_UK | q_R] . [c_KV | k_R] = q_C . k_C + q_R . k_R: (18)'s scores, read
+                # from the latents in blocks; the values are the c_KV part of the same latents.
+                latents_BS1L = cache[:, :, None].astype(x_BTD.dtype)  # one key head for all
+                return attend(
+                    jnp.concatenate([q_latent, q_r], axis=-1),
+                    latents_BS1L,
+                    latents_BS1L[..., :c],
+                    scale=scale,
+                    q_positions_BT=positions_BT,
+                    block=block,
+                )
+
+            if x_BTD.shape[1] == 1:  # one query per row (decode): row b sees slots 0..position
+                lengths = positions_BT[:, 0] + 1
+                o_latent = latent_decode(
+                    self.cfg.kernels, q_latent, q_r, cache, lengths, scale, plain, self.mesh
+                )
+            else:
+                o_latent = plain(q_latent, q_r, cache, None)
             o = jnp.einsum("BTHC,CHV->BTHV", o_latent, self.w_uv)  # W_UV absorbed into output
         return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), cache

@@ -198,7 +198,7 @@ class MoE(nn.Module):
                 routed = slotted_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
             else:
                 routed = routed_experts(
-                    x_ND, routing.experts, routing.weights, w_gate, w_up, w_down
+                    x_ND, routing.experts, routing.weights, w_gate, w_up, w_down, cfg.kernels
                 )
             group_NK = routing.experts // cfg.experts_per_group
             reached_NG = (group_NK[:, :, None] == jnp.arange(cfg.n_group)).any(axis=1)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from deepseek_jax.config import ModelConfig
@@ -36,10 +37,15 @@ from deepseek_jax.parallel.rules import constrain
 # Logical axes of the residual stream [B, T, D] at block boundaries (the one rules table).
 RESIDUAL = ("batch", "length", "act_embed")
 
+# Names of the block's two sublayer outputs (checkpoint_name), for the policies below.
+BLOCK_OUTPUTS = ("attn_out", "ffn_out")
 REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep MLA's and the FFN's outputs, recompute inside them: the backward of the FFN then
+    # starts without re-running attention, for two [B, T, D] arrays per layer.
+    "block_outputs": jax.checkpoint_policies.save_only_these_names(*BLOCK_OUTPUTS),
 }
 
 
@@ -83,7 +89,7 @@ class Block(nn.Module):
         cfg = self.cfg
         x_BTD = constrain(x_BTD, self.mesh, RESIDUAL)
         with jax.named_scope("mla"):
-            h, latents = MLA(cfg, name="attn")(
+            h, latents = MLA(cfg, self.mesh, name="attn")(
                 RMSNorm(cfg, name="attn_norm")(x_BTD),
                 cos,
                 sin,
@@ -91,14 +97,15 @@ class Block(nn.Module):
                 segment_ids_BT,
                 cache_BSL,
             )
-        x_BTD = x_BTD + h
+        x_BTD = x_BTD + checkpoint_name(h, "attn_out")
         normed = RMSNorm(cfg, name="mlp_norm")(x_BTD)
         if self.moe:
             with jax.named_scope("moe"):
                 h, aux = MoE(cfg, self.mesh, self.train, name="mlp")(normed, token_mask_BT)
         else:
             h, aux = MLP(cfg, cfg.intermediate_size, name="mlp")(normed), None
-        return constrain(x_BTD + h, self.mesh, RESIDUAL), (latents, aux)
+        x_BTD = x_BTD + checkpoint_name(h, "ffn_out")
+        return constrain(x_BTD, self.mesh, RESIDUAL), (latents, aux)
 
 
 def stack(

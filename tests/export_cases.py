@@ -1,0 +1,125 @@
+"""The V2-Lite-shaped train step, prefill and decode step, exported for TPU and GPU from this
+CPU host on 16 fake devices with expert parallelism. `tests/test_export.py` runs this file in
+a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=16.
+
+Real widths (D 2048, 16 heads of 192/128, r_kv 512, 64 experts of 1408, vocab 102400), two
+layers (one dense, one MoE), bf16 compute as configs/v2_lite.py: nothing is allocated, the
+programs are only lowered (`jax.export`), once per platform (a Pallas TPU call inside
+`platform_dependent` cannot be lowered into one module for both: JAX lowers it for each).
+"""
+
+import collections
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import deepseek_jax as dj
+from deepseek_jax.generate.loop import decode_step, prefill, unstack_layers
+from deepseek_jax.model.transformer import init_cache
+from deepseek_jax.parallel import rules
+from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import step as steps
+from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.state import init_state
+
+if jax.device_count() != 16:
+    pytest.skip("needs 16 devices: run through tests/test_export.py", allow_module_level=True)
+
+CFG = dj.config.v2_lite().replace(
+    num_hidden_layers=2, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"
+)
+# No "tensor" axis: V2-Lite's expert width 1408 = 11 x 128 split in two is not a whole number
+# of megablox's 128-wide tiles (that layout takes the plain path, tested in test_kernels.py).
+MESH = dict(data=2, fsdp=2, expert=4)
+B, T = 16, 256  # T: two splash blocks; B splits over data x fsdp x expert
+CACHE = 512  # slots: a multiple of the decode kernel's block
+
+
+def export_modules(fn, *args) -> dict[str, str]:
+    """{platform: the StableHLO text of `fn` lowered for it}, for tpu and cuda."""
+    return {p: export.export(fn, platforms=[p])(*args).mlir_module() for p in ("tpu", "cuda")}
+
+
+def kernel_names(module: str) -> collections.Counter:
+    """How many Pallas TPU calls of each kernel an exported module holds."""
+    return collections.Counter(re.findall(r'kernel_name = "([^"]+)"', module))
+
+
+def shapes(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+@functools.cache
+def mesh():
+    return dj.make_mesh(**MESH)
+
+
+def test_train_step_exports_with_the_tpu_kernels():
+    config = base_config("v2_lite")
+    config.optimizer.warmup_steps = 2
+    optimizer = opt.make_optimizer(config.optimizer, 10)
+    state = jax.eval_shape(functools.partial(init_state, CFG, optimizer, 0))
+    shardings = steps.state_shardings(CFG, mesh(), state)
+    fn = steps.make_train_step(
+        CFG, optimizer, opt.schedule(config.optimizer, 10), mesh(), shardings, 1
+    )
+    batch_sharding = rules.batch_sharding(mesh())
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding)
+    weights = jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=batch_sharding)
+    batch = dict(
+        inputs=tokens, targets=tokens, positions=tokens, segment_ids=tokens, weights=weights
+    )
+    modules = export_modules(fn, shapes(state, shardings), batch)
+    module = modules["tpu"]
+
+    names = kernel_names(module)
+    assert {"splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals"} <= set(
+        names
+    )  # attention forward and backward
+    # megablox's gmm and tgmm (the weight gradients) both call their Pallas kernel "kernel";
+    # identical calls share one lowered function, so this counts distinct ones.
+    assert names["kernel"] >= 6, names
+    assert "all_to_all" in module  # expert parallelism
+    assert "tpu_custom_call" not in modules["cuda"]
+    assert "ragged_dot" in modules["cuda"]  # the GPU expert matmul
+    # Mixed precision: fp32 master params and AdamW moments in the state, bf16 matmuls.
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    mu = state.opt_state[1][0].mu
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mu))
+    assert re.search(r"stablehlo.dot_general .*bf16", module)
+
+
+def test_prefill_and_decode_export_with_the_tpu_kernels():
+    params = shapes(
+        jax.eval_shape(lambda: dj.init_params(CFG, jax.random.key(0))),
+        rules.param_shardings(CFG, mesh()),
+    )
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rules.batch_sharding(mesh()))
+    lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+
+    @jax.jit
+    def prefill_step(params, tokens, lengths):
+        return prefill(CFG, params, tokens, lengths, CACHE, mesh())
+
+    names = kernel_names(export_modules(prefill_step, params, tokens, lengths)["tpu"])
+    # gmm for gate/up ([D, I] weights: one lowered function for both) and for down ([I, D])
+    assert names["splash_mha_fwd_segmented_no_residuals"] and names["kernel"] >= 2, names
+
+    cache = jax.eval_shape(lambda: init_cache(CFG, B, CACHE))
+    cache = shapes(cache, rules.cache_shardings(mesh(), cache))
+    last = jax.ShapeDtypeStruct((B,), jnp.int32)
+
+    @jax.jit
+    def one_token(params, last, positions, cache):
+        return decode_step(CFG, params, unstack_layers(params), last, positions, cache, mesh())
+
+    modules = export_modules(one_token, params, last, last, cache)
+    # The Pallas decode kernel once per layer (and megablox for the expert-parallel MoE).
+    assert kernel_names(modules["tpu"])["mla_latent_decode"] == CFG.num_hidden_layers
+    assert "tpu_custom_call" not in modules["cuda"]
