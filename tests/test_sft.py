@@ -42,7 +42,7 @@ CFG = dj.ModelConfig(
     n_group=1,
     topk_group=1,
     first_k_dense_replace=1,
-    max_position_embeddings=128,
+    max_position_embeddings=256,
     rope_scaling=None,
     initializer_range=0.1,
 )

@@ -55,20 +55,26 @@ def _heads(kv_BSGX) -> str:
     return "" if kv_BSGX.shape[2] == 1 else "H"
 
 
+def _einsum_f32(spec: str, a, b) -> jnp.ndarray:
+    """einsum with float32 results. XLA:CPU has no bf16 x bf16 -> f32 dot (its DotThunk
+    refuses it), so on the CPU the operands are upcast instead (no bf16 hardware there)."""
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def _scores(q_BQHK, k_BJGK) -> jnp.ndarray:
     """[B, H, Q, J] float32 dot products; a shared key head broadcasts over the query heads."""
     h = _heads(k_BJGK)
     k = k_BJGK if h else k_BJGK[:, :, 0]
-    return jnp.einsum(f"BQHK,BJ{h}K->BHQJ", q_BQHK, k, preferred_element_type=jnp.float32)
+    return _einsum_f32(f"BQHK,BJ{h}K->BHQJ", q_BQHK, k)
 
 
 def _weighted(p_BHQJ, v_BJGV) -> jnp.ndarray:
     """[B, Q, H, V] float32: probabilities times values."""
     h = _heads(v_BJGV)
     v = v_BJGV if h else v_BJGV[:, :, 0]
-    return jnp.einsum(
-        f"BHQJ,BJ{h}V->BQHV", p_BHQJ.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    return _einsum_f32(f"BHQJ,BJ{h}V->BQHV", p_BHQJ.astype(v.dtype), v)
 
 
 def reference_attention(
@@ -164,7 +170,7 @@ def _probs_and_ds(q_i, k_j, v_j, do_i, pos_i, index_j, seg_i, seg_j, lse_i, delt
     p_BHQJ = jnp.exp(s_BHQJ - lse_i[..., None])
     h = _heads(v_j)
     v = v_j if h else v_j[:, :, 0]
-    dp_BHQJ = jnp.einsum(f"BQHV,BJ{h}V->BHQJ", do_i, v, preferred_element_type=jnp.float32)
+    dp_BHQJ = _einsum_f32(f"BQHV,BJ{h}V->BHQJ", do_i, v)
     return p_BHQJ, p_BHQJ * (dp_BHQJ - delta_i[..., None]) * scale
 
 
