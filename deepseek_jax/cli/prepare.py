@@ -1,4 +1,4 @@
-"""deepseek-jax-prepare (= python -m deepseek_jax.cli.prepare): tokenize and pack a text source
+r"""deepseek-jax-prepare (= python -m deepseek_jax.cli.prepare): tokenize and pack a text source
 once into ArrayRecord files, for training at any size (deepseek_jax/data/prepare.py).
 
     deepseek-jax-prepare --config tiny --config.data.source=jsonl \

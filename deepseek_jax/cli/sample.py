@@ -1,4 +1,4 @@
-"""deepseek-jax-sample (= python -m deepseek_jax.cli.sample = python sample.py): sample from a
+r"""deepseek-jax-sample (= python -m deepseek_jax.cli.sample = python sample.py): sample from a
 DeepSeek-V2 checkpoint, streaming tokens as they are made.
 
     deepseek-jax-sample --checkpoint runs/default --prompt "def fib(n):"

@@ -1,4 +1,4 @@
-"""deepseek-jax-train (= python -m deepseek_jax.cli.train = python train.py): train DeepSeek-V2.
+r"""deepseek-jax-train (= python -m deepseek_jax.cli.train = python train.py): train DeepSeek-V2.
 
 With no flags, the default job: a small byte-level model on the Python standard library's own
 sources, about 7 minutes on a 2-core CPU.

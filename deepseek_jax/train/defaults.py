@@ -70,6 +70,5 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
     # their architecture must be config.model's. A run that has saved resumes instead.
     config.train.init_from = ""
     config.train.compilation_cache = ""  # a folder: compiled steps are reused across runs
-    config.train.init_from = ""  # a run directory whose params start this run
     config.train.continues = ""  # the stage this config continues (needs init_from), if any
     return config
