@@ -82,7 +82,7 @@ def memory(block: int) -> None:
 
 
 def ab(lengths: list[int], rounds: int, block: int) -> None:
-    """Forward (prefill) and train-step seconds, plain vs blocks of `block//2`... alternated."""
+    """Prefill and train-step time in blocks over the plain path, the two alternated per round."""
     print(f"plain vs blocks (block {block}); median over {rounds} alternated rounds")
     print(f"{'tokens':>8s}{'what':>12s}{'blocks / plain time':>22s}")
     for tokens in lengths:
