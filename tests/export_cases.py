@@ -18,9 +18,9 @@ import pytest
 from jax import export
 
 import deepseek_jax as dj
-from deepseek_jax.generate.loop import decode_step, prefill, unstack_layers
-from deepseek_jax.model.transformer import init_cache
-from deepseek_jax.parallel import rules
+from deepseek_jax.generate.loop import decode_step, prefill
+from deepseek_jax.model.transformer import init_cache, unstack_params
+from deepseek_jax.parallel import placement, rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.defaults import base_config
@@ -98,7 +98,7 @@ def test_train_step_exports_with_the_tpu_kernels():
 def test_prefill_and_decode_export_with_the_tpu_kernels():
     params = shapes(
         jax.eval_shape(lambda: dj.init_params(CFG, jax.random.key(0))),
-        rules.param_shardings(CFG, mesh()),
+        placement.param_shardings(CFG, mesh()),
     )
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rules.batch_sharding(mesh()))
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -112,12 +112,12 @@ def test_prefill_and_decode_export_with_the_tpu_kernels():
     assert names["splash_mha_fwd_segmented_no_residuals"] and names["kernel"] >= 2, names
 
     cache = jax.eval_shape(lambda: init_cache(CFG, B, CACHE))
-    cache = shapes(cache, rules.cache_shardings(mesh(), cache))
+    cache = shapes(cache, placement.cache_shardings(mesh(), cache))
     last = jax.ShapeDtypeStruct((B,), jnp.int32)
 
     @jax.jit
     def one_token(params, last, positions, cache):
-        return decode_step(CFG, params, unstack_layers(params), last, positions, cache, mesh())
+        return decode_step(CFG, unstack_params(CFG, params), last, positions, cache, mesh())
 
     modules = export_modules(one_token, params, last, last, cache)
     # The Pallas decode kernel once per layer (and megablox for the expert-parallel MoE).

@@ -132,7 +132,7 @@ def test_train(kernel_env):
     }
     nb = execute("train.ipynb", overrides, kernel_env, timeout=240)
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # loss curves and the expert-load heatmap
+    assert len(images) == 3  # loss curves, the expert-load heatmap, drop rate and fan-out
     assert os.path.isdir(kernel_env / "runs" / "notebook" / "checkpoints")
 
 

@@ -1,8 +1,6 @@
 """The decoder as a whole: the 60-layer config compiles fast, remat and unrolling change
 nothing numerically, the aux record has the documented shapes. (Packed documents: test_train.py.)"""
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +14,19 @@ def forward(cfg, params, tokens, **kw):
     return dj.DeepSeekV2(cfg).apply({"params": params}, tokens, **kw)
 
 
-def test_v2_forward_compiles_in_seconds():
-    """nn.scan keeps the compiled program one layer long, whatever num_hidden_layers is."""
-    cfg = dj.preset("v2")
-    abstract = jax.eval_shape(lambda: dj.init_params(cfg, jax.random.key(0)))
-    start = time.perf_counter()
-    jax.jit(lambda p, t: forward(cfg, p, t).logits).lower(
-        abstract, jax.ShapeDtypeStruct((1, 16), jnp.int32)
-    ).compile()
-    assert time.perf_counter() - start < 60
+def test_v2_forward_is_one_layer_long():
+    """nn.scan keeps the program one layer long, whatever num_hidden_layers is: V2's 60 layers
+    lower to as many dots as 3 do (a structural check, not a wall-clock bound)."""
+
+    def dots(layers: int) -> int:
+        cfg = dj.preset("v2").replace(num_hidden_layers=layers)
+        abstract = jax.eval_shape(lambda: dj.init_params(cfg, jax.random.key(0)))
+        lowered = jax.jit(lambda p, t: forward(cfg, p, t).logits).lower(
+            abstract, jax.ShapeDtypeStruct((1, 16), jnp.int32)
+        )
+        return lowered.as_text().count("dot_general")
+
+    assert dots(60) == dots(3) > 0
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from deepseek_jax.checkpoint.safetensors_io import ShardedWriter, TensorDirector
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.errors import UserError
 from deepseek_jax.model.transformer import init_params
-from deepseek_jax.parallel import rules
+from deepseek_jax.parallel.placement import param_shardings
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -255,7 +255,7 @@ def placement(cfg: ModelConfig, mesh: Mesh | None) -> dict:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
         return jax.tree.map(lambda _: device, shapes)
-    return rules.param_shardings(cfg, mesh)
+    return param_shardings(cfg, mesh)
 
 
 def read_params(cfg: ModelConfig, tensors: TensorDirectory, shardings: dict) -> tuple[dict, int]:
