@@ -54,16 +54,17 @@ def programs(module):
 
 def place(module, mesh, x):
     """(params, x) where the row's program reads them: on the mesh by the rules, or as is."""
+    boxed = module.init(jax.random.key(1), x[:EP])["params"]  # rows that split over the mesh
     params = jax.tree.map(
         lambda a: a.unbox() if hasattr(a, "unbox") else a,
-        module.init(jax.random.key(1), x[:1])["params"],
+        boxed,
         is_leaf=lambda a: hasattr(a, "unbox"),
     )
     if mesh is None:
         return params, x
     shardings = jax.tree.map(
         lambda a: jax.sharding.NamedSharding(mesh, rules.spec(a.names)),
-        module.init(jax.random.key(1), x[:1])["params"],
+        boxed,
         is_leaf=lambda a: hasattr(a, "names"),
     )
     return jax.device_put(params, shardings), jax.device_put(x, rules.batch_sharding(mesh))
