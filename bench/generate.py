@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128, help="prompt length")
     parser.add_argument("--new", type=int, default=256, help="new tokens per row")
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each (median)")
     parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument(
         "--torch-experts", default="grouped_mm", choices=("eager", "batched_mm", "grouped_mm")
