@@ -27,7 +27,8 @@ import numpy as np
 
 import deepseek_jax as dj
 from deepseek_jax.config import v2_lite
-from deepseek_jax.generate.loop import decode_step, prefill, unstack_layers
+from deepseek_jax.generate.loop import decode_step, prefill
+from deepseek_jax.model.transformer import unstack_params
 from deepseek_jax.sizes import param_counts
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
@@ -183,12 +184,12 @@ def bench_decode(cfg, params, mesh, batch, context, new, bandwidth, repeats) -> 
     tokens = jnp.zeros((batch,), jnp.int32)
 
     def loop(params, tokens, cache):
-        layers = unstack_layers(params)
+        layers = unstack_params(cfg, params)
 
         def one(i, carry):
             tokens, cache = carry
             positions = jnp.full((batch,), context + i, jnp.int32)
-            logits, cache = decode_step(cfg, params, layers, tokens, positions, cache, mesh)
+            logits, cache = decode_step(cfg, layers, tokens, positions, cache, mesh)
             return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
         return jax.lax.fori_loop(0, new, one, (tokens, cache))
