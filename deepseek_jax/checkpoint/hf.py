@@ -205,7 +205,8 @@ def load_hf(
     """Reads an HF DeepSeek-V2 checkpoint (a directory or a hub id) into (ModelConfig, params).
 
     dtype: "float32" or "bfloat16" for the params (and cfg.param_dtype); None keeps the
-    checkpoint's own (bf16 for the published weights). mesh: each leaf is born a sharded
+    checkpoint's own (bf16 for the published weights). The compute dtype is "auto" (bf16
+    on TPU/GPU, fp32 on the CPU, `config.resolve_dtype`). mesh: each leaf is born a sharded
     jax.Array placed by the rules table; this process fills only its own devices' blocks,
     each read from the memory-mapped tensors it overlaps, once per distinct block. Peak host
     memory above the finished arrays: one layer's block of one leaf (`read_leaf`).
@@ -217,7 +218,7 @@ def load_hf(
         dtype = "bfloat16" if first.dtype == NP_DTYPES["bfloat16"] else "float32"
     if dtype not in NP_DTYPES:
         raise UserError(f"dtype={dtype!r}: choose one of {sorted(NP_DTYPES)}")
-    cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    cfg = cfg.replace(param_dtype=dtype)
     params, _ = read_params(cfg, tensors, placement(cfg, mesh))
     return cfg, params
 
