@@ -26,6 +26,12 @@ REMAT_POLICIES = (
     "block_outputs",
 )
 DTYPES = ("float32", "bfloat16", "float16")
+# The compute dtype may also be "auto": bfloat16 where the computation is for a TPU or GPU,
+# float32 on the CPU (`resolve_dtype`). Router, norms, softmax and losses are float32 always.
+COMPUTE_DTYPES = ("auto", *DTYPES)
+# Platform names (a device's, jax.default_backend()'s, jax.export's) whose matrix units run
+# bf16 at full rate; this CPU runs bf16 slower than fp32 (docs/design.md 7).
+ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
 # Attention, decode and expert-matmul implementations (deepseek_jax/kernels/select.py).
 KERNELS = ("auto", "plain", "tpu", "cuda", "interpret")
 
@@ -97,7 +103,7 @@ class ModelConfig:
     no_drop_fraction: float = 0.1  # share of sequences whose tokens are never dropped
     # Numerics and memory
     initializer_range: float = 0.006
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "auto"  # compute dtype; "auto": bf16 on TPU/GPU, fp32 on CPU (resolve_dtype)
     param_dtype: str = "float32"
     remat_policy: str = "none"
     # Layers per nn.scan iteration. Unrolling a short stack saves slicing each layer's weights
@@ -160,9 +166,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.no_drop_fraction <= 1.0:
             raise UserError(f"no_drop_fraction={self.no_drop_fraction}: must lie in [0, 1]")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise UserError(f"{name}={getattr(self, name)!r}: choose one of {DTYPES}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"dtype={self.dtype!r}: choose one of {COMPUTE_DTYPES}")
+        if self.param_dtype not in DTYPES:
+            raise UserError(f"param_dtype={self.param_dtype!r}: choose one of {DTYPES}")
         if self.scan_unroll < 1:
             raise UserError(f"scan_unroll={self.scan_unroll}: must be >= 1 (1: no unrolling)")
         if self.attention_block_size is not None and self.attention_block_size <= 0:
@@ -286,6 +293,25 @@ class ModelConfig:
             if getattr(other, name) != value:
                 return f"{name}: {value!r} vs {getattr(other, name)!r}"
         return None
+
+
+def resolve_dtype(cfg: ModelConfig, platform=None) -> ModelConfig:
+    """cfg with a concrete compute dtype: "auto" becomes bfloat16 when the computation is for
+    a TPU or GPU and float32 on the CPU; an explicit dtype is kept. The params stay in
+    cfg.param_dtype (fp32 masters by default), cast to the compute dtype where used.
+
+    platform: a platform name ("cpu", "tpu", "gpu", or jax.export's "cuda"/"rocm": exporting
+    for TPU from a CPU host passes "tpu"), a Mesh (its devices' platform), or None
+    (jax.default_backend()). Every consumer (model, cache, steps, planner) calls it."""
+    if cfg.dtype != "auto":
+        return cfg
+    if platform is None:
+        import jax  # noqa: PLC0415  (config.py is data; only this asks the backend)
+
+        platform = jax.default_backend()
+    elif not isinstance(platform, str):
+        platform = platform.devices.flat[0].platform
+    return cfg.replace(dtype="bfloat16" if platform in ACCELERATORS else "float32")
 
 
 def read_json_config(source: str | os.PathLike) -> dict:

@@ -3,7 +3,8 @@ CPU host on 16 fake devices with expert parallelism. `tests/test_export.py` runs
 a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=16.
 
 Real widths (D 2048, 16 heads of 192/128, r_kv 512, 64 experts of 1408, vocab 102400), two
-layers (one dense, one MoE), bf16 compute as configs/v2_lite.py: nothing is allocated, the
+layers (one dense, one MoE), the default compute dtype resolved for TPU (bf16 compute, fp32
+master params): nothing is allocated, the
 programs are only lowered (`jax.export`), once per platform (a Pallas TPU call inside
 `platform_dependent` cannot be lowered into one module for both: JAX lowers it for each).
 """
@@ -29,8 +30,13 @@ from deepseek_jax.train.state import init_state
 if jax.device_count() != 16:
     pytest.skip("needs 16 devices: run through tests/test_export.py", allow_module_level=True)
 
-CFG = dj.config.v2_lite().replace(
-    num_hidden_layers=2, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"
+# The default compute dtype ("auto") resolved for the TPU from this CPU host: bf16 compute,
+# fp32 master params (the explicit platform is how an export reaches the accelerator choice).
+CFG = dj.config.resolve_dtype(
+    dj.config.v2_lite().replace(
+        num_hidden_layers=2, remat_policy="dots_with_no_batch_dims_saveable"
+    ),
+    "tpu",
 )
 # No "tensor" axis: V2-Lite's expert width 1408 = 11 x 128 split in two is not a whole number
 # of megablox's 128-wide tiles (that layout takes the plain path, tested in test_kernels.py).
@@ -47,6 +53,14 @@ def export_modules(fn, *args) -> dict[str, str]:
 def kernel_names(module: str) -> collections.Counter:
     """How many Pallas TPU calls of each kernel an exported module holds."""
     return collections.Counter(re.findall(r'kernel_name = "([^"]+)"', module))
+
+
+def bf16_dot_share(module: str) -> float:
+    """The share of the module's dot_generals whose operands are bf16 (mixed precision: the
+    matmuls; the router's and the fp32 softmax's are the rest)."""
+    operands = re.findall(r"stablehlo.dot_general .*: \((.*?)\) ->", module)
+    assert operands, "no dot_general found"
+    return sum("bf16" in o for o in operands) / len(operands)
 
 
 def shapes(tree, shardings):
@@ -92,7 +106,8 @@ def test_train_step_exports_with_the_tpu_kernels():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     mu = state.opt_state[1][0].mu
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mu))
-    assert re.search(r"stablehlo.dot_general .*bf16", module)
+    assert CFG.dtype == "bfloat16"
+    assert bf16_dot_share(module) > 0.5, bf16_dot_share(module)
 
 
 def test_prefill_and_decode_export_with_the_tpu_kernels():
@@ -107,7 +122,9 @@ def test_prefill_and_decode_export_with_the_tpu_kernels():
     def prefill_step(params, tokens, lengths):
         return prefill(CFG, params, tokens, lengths, CACHE, mesh())
 
-    names = kernel_names(export_modules(prefill_step, params, tokens, lengths)["tpu"])
+    module = export_modules(prefill_step, params, tokens, lengths)["tpu"]
+    assert bf16_dot_share(module) > 0.5, bf16_dot_share(module)
+    names = kernel_names(module)
     # gmm for gate/up ([D, I] weights: one lowered function for both) and for down ([I, D])
     assert names["splash_mha_fwd_segmented_no_residuals"] and names["kernel"] >= 2, names
 

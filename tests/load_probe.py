@@ -4,7 +4,8 @@
     python tests/load_probe.py DIR expert=8 ADDRESS RANK 2      # one of two gloo processes
 
 Printed: peak resident memory (VmHWM, reset just before the load) above the resident memory
-before it (with LOAD_PROBE_SAVE=1, also that of saving the loaded params back, `save_peak`); the bytes this process's devices hold; the bytes it read from the checkpoint; the
+before it (with LOAD_PROBE_SAVE=1 or =DIR, also that of saving the loaded params back,
+`save_peak`); the bytes this process's devices hold; the bytes it read from the checkpoint; the
 largest HF tensor and the largest one-layer block of a leaf; and whether every shard equals
 the plain numpy reading of the same tensors (`check`, an extra argument).
 """
@@ -65,8 +66,12 @@ def main(directory: str, mesh_flag: str, address=None, rank=None, processes=None
         "largest_tensor": max(sizes),
         "largest_layer_block": max(layer_blocks),
     }
-    if os.environ.get("LOAD_PROBE_SAVE"):  # then save it back from the mesh: its peak too
-        with tempfile.TemporaryDirectory() as out:
+    target = os.environ.get("LOAD_PROBE_SAVE")
+    if target:  # then save it back from the mesh: its peak too
+        with tempfile.TemporaryDirectory() as scratch:
+            # "1": a scratch directory; else DIR/rank{i}, so that a test can see that only
+            # process 0 wrote (every process takes part in the gathers).
+            out = scratch if target == "1" else f"{target}/rank{jax.process_index()}"
             hf.save_hf(out, cfg, params, max_shard_bytes=64 << 20)  # compiles the gathers
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)

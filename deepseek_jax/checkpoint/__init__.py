@@ -48,7 +48,7 @@ def load_checkpoint(
 
     cfg = orbax.read_model_config(directory)
     if dtype is not None:
-        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+        cfg = cfg.replace(param_dtype=dtype)
     return cfg, orbax.load_params(directory, step, hf.placement(cfg, mesh), dtype=dtype)[1]
 
 

@@ -205,7 +205,8 @@ def load_hf(
     """Reads an HF DeepSeek-V2 checkpoint (a directory or a hub id) into (ModelConfig, params).
 
     dtype: "float32" or "bfloat16" for the params (and cfg.param_dtype); None keeps the
-    checkpoint's own (bf16 for the published weights). mesh: each leaf is born a sharded
+    checkpoint's own (bf16 for the published weights). The compute dtype is "auto" (bf16
+    on TPU/GPU, fp32 on the CPU, `config.resolve_dtype`). mesh: each leaf is born a sharded
     jax.Array placed by the rules table; this process fills only its own devices' blocks,
     each read from the memory-mapped tensors it overlaps, once per distinct block. Peak host
     memory above the finished arrays: one layer's block of one leaf (`read_leaf`).
@@ -217,7 +218,7 @@ def load_hf(
         dtype = "bfloat16" if first.dtype == NP_DTYPES["bfloat16"] else "float32"
     if dtype not in NP_DTYPES:
         raise UserError(f"dtype={dtype!r}: choose one of {sorted(NP_DTYPES)}")
-    cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    cfg = cfg.replace(param_dtype=dtype)
     params, _ = read_params(cfg, tensors, placement(cfg, mesh))
     return cfg, params
 
@@ -467,7 +468,7 @@ def gather(x, index: tuple[int, ...]) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x[index]
     if not x.is_fully_addressable:
-        part = take(x.sharding.mesh)(x, *index)
+        part = take_across(x.sharding.mesh, split_dims(x.sharding, len(index)))(x, *index)
         return np.asarray(part.addressable_data(0))  # replicated: every process holds it whole
     out = np.empty(x.shape[len(index) :], x.dtype)
     filled = set()
@@ -479,17 +480,53 @@ def gather(x, index: tuple[int, ...]) -> np.ndarray:
         if bounds in filled or not holds:
             continue
         local = [i - a for i, (a, _) in zip(index, spans, strict=True)]
-        out[inner] = np.asarray(take(None)(shard.data, *local))
+        out[inner] = np.asarray(take(shard.data, *local))
         filled.add(bounds)
     return out
 
 
+@jax.jit
+def take(x, *index):
+    """x[i, j, ...] of one device's shard, with traced indices: one compile per shard shape,
+    not per layer and expert."""
+    return x[index]
+
+
+def split_dims(sharding, count: int) -> tuple[bool, ...]:
+    """Whether `sharding` splits each of an array's first `count` dims (unknown: split)."""
+    if not isinstance(sharding, NamedSharding):
+        return (True,) * count
+    entries = (*sharding.spec, *(None,) * count)
+    return tuple(bool(entries[d]) for d in range(count))
+
+
 @functools.cache
-def take(mesh: Mesh | None):
-    """x[i, j, ...] with traced indices (one compile per shard shape, not per layer and
-    expert); with a mesh, replicated over it so that every process can read it."""
-    out_shardings = None if mesh is None else NamedSharding(mesh, P())
-    return jax.jit(lambda x, *index: x[index], out_shardings=out_shardings)
+def take_across(mesh: Mesh, split: tuple[bool, ...]):
+    """x[i, j, ...] replicated over `mesh`, moving only that slice between processes.
+
+    A dynamic slice of a split dim would make XLA gather the whole leaf onto every device
+    first (an all-gather of [L, E, ...] for one expert's [D, I], read from the compiled HLO).
+    Instead each device zeroes the elements of its block that are not the slice and a sum
+    over the split dims (an all-reduce of one slice) assembles it. The sum runs on the bits
+    as unsigned integers: one term is non-zero, so it is exact, -0.0 and NaNs included."""
+
+    def take_one(x, *index):
+        mask = True
+        for d, (i, is_split) in enumerate(zip(index, split, strict=True)):
+            if is_split:
+                shape = [1] * x.ndim
+                shape[d] = x.shape[d]
+                mask = mask & (jnp.arange(x.shape[d]).reshape(shape) == i)
+            else:  # a dim no device splits: slicing it moves nothing
+                x = jax.lax.dynamic_slice_in_dim(x, i, 1, axis=d)
+        bits = jax.lax.bitcast_convert_type(x, UNSIGNED[x.dtype.itemsize])
+        bits = jnp.where(mask, bits, 0).sum(axis=tuple(range(len(index))), dtype=bits.dtype)
+        return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+    return jax.jit(take_one, out_shardings=NamedSharding(mesh, P()))
+
+
+UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def cfg_summary(cfg: ModelConfig) -> str:

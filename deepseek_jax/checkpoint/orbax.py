@@ -181,8 +181,8 @@ def load_params(
             f"{directory} holds no complete step {'' if step is None else step} (complete: "
             f"{sorted(steps)}): train until a save, or name one of those steps"
         )
-    if dtype is not None:
-        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    if dtype is not None:  # the compute dtype stays the run's ("auto": per platform)
+        cfg = cfg.replace(param_dtype=dtype)
     target = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     if shardings is not None:
         target = jax.tree.map(

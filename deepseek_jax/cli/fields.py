@@ -48,7 +48,7 @@ FIELDS = {
     "model.capacity_factor": "per-device expert budget when training (paper 2.2.4); None: dropless",
     "model.no_drop_fraction": "share of sequences whose tokens are never dropped",
     "model.initializer_range": "init std of the weights (paper: 0.006)",
-    "model.dtype": "compute dtype: float32 | bfloat16 | float16",
+    "model.dtype": "compute dtype: auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16 | float16",
     "model.param_dtype": "params dtype: float32 | bfloat16 | float16",
     "model.remat_policy": "what the backward pass recomputes: none | full | dots_saveable | ...",
     "model.scan_unroll": "layers per nn.scan iteration (unrolled short stacks run faster)",

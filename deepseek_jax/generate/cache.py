@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, resolve_dtype
 
 
 def write_prefix(cache: dict, latents: dict) -> dict:
@@ -33,13 +33,13 @@ def nbytes(cache: dict) -> int:
 
 def latent_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
     """Bytes one token occupies in our cache, over all layers: L * (C + R) numbers."""
-    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+    itemsize = jnp.dtype(dtype or resolve_dtype(cfg).dtype).itemsize
     return cfg.num_hidden_layers * cfg.latent_cache_dim * itemsize
 
 
 def expanded_bytes_per_token(cfg: ModelConfig, dtype=None) -> int:
     """Bytes one token would occupy in a per-head K/V cache: L * H * (dn + dr + dv) numbers."""
-    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+    itemsize = jnp.dtype(dtype or resolve_dtype(cfg).dtype).itemsize
     return cfg.num_hidden_layers * cfg.expanded_cache_dim * itemsize
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, resolve_dtype
 from deepseek_jax.generate import batch
 from deepseek_jax.generate.cache import write_prefix
 from deepseek_jax.generate.sampling import check_settings, sample, sampled_logprobs
@@ -106,6 +106,7 @@ def prefill(
     real position (the only ones computed) and a cache of `cache_len` slots whose first P hold
     the prompts' latents."""
     b, p = tokens_BP.shape
+    cfg = resolve_dtype(cfg, mesh)  # the cache's dtype too
     out = DeepSeekV2(cfg, mesh=moe_mesh(mesh, b)).apply(
         {"params": params}, tokens_BP, logits_at_BK=(lengths_B - 1)[:, None]
     )
@@ -139,6 +140,7 @@ def decode_step(
     (split once, before the loop): MLA's absorbed form over the latent cache [B, S, C + R] of
     each layer. Tests hold every position's logits to the full forward's.
     """
+    cfg = resolve_dtype(cfg, mesh)
     model = DeepSeekV2(cfg, mesh=moe_mesh(mesh, len(tokens_B)), scan_layers=False)
     out = model.apply(
         {"params": layer_params}, tokens_B[:, None], positions_B[:, None], cache=cache

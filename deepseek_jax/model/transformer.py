@@ -26,7 +26,7 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, resolve_dtype
 from deepseek_jax.errors import UserError
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
@@ -168,7 +168,7 @@ class DeepSeekV2(nn.Module):
         train=False,
         token_mask_BT=None,
     ) -> Output:
-        cfg = self.cfg
+        cfg = resolve_dtype(self.cfg, self.mesh)  # "auto": bf16 for TPU/GPU, fp32 on the CPU
         b, t = tokens_BT.shape
         if t > cfg.max_position_embeddings:
             raise UserError(
@@ -264,8 +264,9 @@ def summarize_aux(cfg: ModelConfig, per_layer: MoEAux | None) -> Aux:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """Zeroed latent cache: {"dense": [L_dense, B, S, C+R], "moe": [L_moe, B, S, C+R]}."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    """Zeroed latent cache: {"dense": [L_dense, B, S, C+R], "moe": [L_moe, B, S, C+R]}, in
+    `dtype` or the compute dtype (for a mesh's platform, resolve cfg before)."""
+    dtype = jnp.dtype(dtype or resolve_dtype(cfg).dtype)
     return {
         key: jnp.zeros((n, batch, length, cfg.latent_cache_dim), dtype) for key, _, n in stacks(cfg)
     }

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.cli.parser import Parser
-from deepseek_jax.config import DTYPES, PRESETS, ModelConfig, preset
+from deepseek_jax.config import COMPUTE_DTYPES, DTYPES, PRESETS, ModelConfig, preset, resolve_dtype
 from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.model.experts import tile_rows
 from deepseek_jax.model.moe import route
@@ -49,6 +49,7 @@ def per_device_bytes(shapes, shardings) -> int:
 
 
 def memory(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, int]:
+    cfg = resolve_dtype(cfg, mesh)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     # The train step's AdamW (optax's default mu_dtype) keeps its moments in the params' dtype.
     state = jax.eval_shape(optax.adamw(1e-3).init, params)
@@ -78,6 +79,7 @@ def layer_sizes(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> 
 def predicted_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
     """Per token on one device, from shapes: all-to-all bytes (token rows, and all told with
     the slot metadata) and routed-expert FLOPs at the grouped matmul's compiled bound."""
+    cfg = resolve_dtype(cfg, mesh)
     size = layer_sizes(cfg, mesh, batch, length, drop)
     p = expert.expert_devices(cfg, mesh)
     d, k, l = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts // p
@@ -98,7 +100,7 @@ def layer_hlo(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> st
     """The compiled program of one MoE layer's routed experts, on abstract sharded inputs."""
     d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     never_drop = expert.never_drop_tokens(cfg, batch, length)
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(resolve_dtype(cfg, mesh).dtype)
 
     def abstract(shape, logical, dt=dtype):
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, rules.spec(logical)))
@@ -143,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seq_len", type=int, default=4096)
     parser.add_argument("--capacity_factor", type=float, default=1.0, help="0 for dropless")
-    parser.add_argument("--dtype", choices=DTYPES, help="compute and cache dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=COMPUTE_DTYPES,
+        help="compute and cache dtype (auto: bf16, as on TPU/GPU)",
+    )
     parser.add_argument("--param_dtype", choices=DTYPES)
     parser.add_argument(
         "--compile",
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype or preset(args.preset).dtype,
         param_dtype=args.param_dtype or preset(args.preset).param_dtype,
     )
+    # The plan is for an accelerator run, though fake CPU devices stand in for the mesh.
+    cfg = resolve_dtype(cfg, "tpu")
     batch = args.batch or 10 * rules.token_devices(mesh)
     if cfg.n_routed_experts % mesh.shape["expert"]:
         raise UserError(

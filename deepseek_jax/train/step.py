@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, resolve_dtype
 from deepseek_jax.model.transformer import DeepSeekV2
 from deepseek_jax.parallel import placement, rules
 from deepseek_jax.train import losses
@@ -58,6 +58,7 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
 def forward(cfg: ModelConfig, params, batch, mesh: Mesh | None = None, train: bool = False):
     # On one device the plain MoE path (its kernel chosen for the token count) beats a
     # one-device all-to-all dispatch; on more, the expert-parallel dispatch.
+    cfg = resolve_dtype(cfg, mesh)  # the mesh's platform, even where the model gets no mesh
     model = DeepSeekV2(cfg, mesh=mesh if mesh is not None and mesh.size > 1 else None)
     return model.apply(
         {"params": params},
