@@ -112,6 +112,7 @@ def state_memory(run: Run) -> dict[str, int]:
 
 
 def _heads(run: Run) -> int:
+    """MLA's heads on one device (the "act_heads" rule's split)."""
     return run.cfg.num_attention_heads // rules.devices(run.mesh, "act_heads")
 
 
