@@ -9,7 +9,6 @@ out-of-memory with no warning (issue 13).
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from jax.sharding import Mesh
@@ -21,7 +20,7 @@ def rows_needed(mesh: Mesh | None, batch: int) -> int:
     """The batch rounded up to a multiple of the mesh's token-axis devices."""
     if mesh is None:
         return batch
-    split = math.prod(mesh.shape[axis] for axis in rules.token_axes())
+    split = rules.token_devices(mesh)
     return -(-batch // split) * split
 
 

@@ -22,7 +22,6 @@ samples the state being trained without a copy (docs/design.md 5).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -81,7 +80,7 @@ def batch_splits(mesh: Mesh | None, batch: int) -> bool:
     """Whether rows [B, ...] split over the mesh's token axes (else they stay replicated)."""
     if mesh is None:
         return False
-    return batch % math.prod(mesh.shape[axis] for axis in rules.token_axes()) == 0
+    return batch % rules.token_devices(mesh) == 0
 
 
 def moe_mesh(mesh: Mesh | None, batch: int) -> Mesh | None:

@@ -32,6 +32,13 @@ from deepseek_jax.kernels.decode import latent_decode
 from deepseek_jax.model.attention import attend
 from deepseek_jax.model.layers import RMSNorm, weight
 from deepseek_jax.model.rope import apply_rope, softmax_scale
+from deepseek_jax.parallel.rules import constrain
+
+# Logical axes of MLA's activations (the one rules table, parallel/rules.py): per-head arrays
+# [B, T, H, *] (queries, keys, values, the attention output before W_O) split their heads as
+# the weights that make them do; the latent c_KV [B, T, C] is whole wherever its rows are.
+PER_HEAD = ("batch", "length", "act_heads", "act_head_dim")
+LATENT = ("batch", "length", "act_kv_lora")
 
 
 class MLA(nn.Module):
@@ -47,7 +54,7 @@ class MLA(nn.Module):
     """
 
     cfg: ModelConfig
-    mesh: Mesh | None = None  # where a kernel (cfg.kernels) runs per shard
+    mesh: Mesh | None = None  # activation layouts; where a kernel (cfg.kernels) runs per shard
 
     def setup(self):
         cfg = self.cfg
@@ -74,11 +81,15 @@ class MLA(nn.Module):
             c_q = self.q_norm(x_BTD @ self.w_dq)  # BTQ
         q_c = jnp.einsum("BTQ,QHN->BTHN", c_q, self.w_uq)
         q_r = apply_rope(jnp.einsum("BTQ,QHR->BTHR", c_q, self.w_qr), cos, sin)
-        return q_c, q_r
+        return self.heads(q_c), self.heads(q_r)
+
+    def heads(self, x_BTH_):
+        """A per-head activation [B, T, H, *] laid out by the rules (PER_HEAD)."""
+        return constrain(x_BTH_, self.mesh, PER_HEAD)
 
     def latents(self, x_BTD, cos, sin):
         """[c_KV | k_R] of shape [B, T, C + R]: equations (9) and (15), the cached numbers."""
-        c_kv = self.kv_norm(x_BTD @ self.w_dkv)  # BTC
+        c_kv = constrain(self.kv_norm(x_BTD @ self.w_dkv), self.mesh, LATENT)  # BTC
         k_r = apply_rope(x_BTD @ self.w_kr, cos, sin)  # BTR
         return jnp.concatenate([c_kv, k_r], axis=-1)
 
@@ -92,8 +103,8 @@ class MLA(nn.Module):
         if cache is None:
             with jax.named_scope("mla_expanded"):
                 c_kv, k_r = new_latents[..., :c], new_latents[..., c:]
-                k_c = jnp.einsum("BSC,CHN->BSHN", c_kv, self.w_uk)  # (10)
-                v_c = jnp.einsum("BSC,CHV->BSHV", c_kv, self.w_uv)  # (11)
+                k_c = self.heads(jnp.einsum("BSC,CHN->BSHN", c_kv, self.w_uk))  # (10)
+                v_c = self.heads(jnp.einsum("BSC,CHV->BSHV", c_kv, self.w_uv))  # (11)
                 q = jnp.concatenate([q_c, q_r], axis=-1)  # (16)
                 k_r = jnp.broadcast_to(k_r[:, :, None], (*k_c.shape[:3], k_r.shape[-1]))
                 k = jnp.concatenate([k_c, k_r], axis=-1)  # (17)
@@ -115,12 +126,12 @@ class MLA(nn.Module):
                 o = expanded_attention(
                     self.cfg.kernels, q, k, v_c, segments, scale, plain, self.mesh
                 )
-            return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), new_latents  # (19)
+            return jnp.einsum("BTHV,HVD->BTD", self.heads(o), self.w_o), new_latents  # (19)
 
         with jax.named_scope("mla_absorbed"):
             rows = jnp.arange(x_BTD.shape[0])[:, None]
             cache = cache.at[rows, positions_BT].set(new_latents.astype(cache.dtype))
-            q_latent = jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk)  # W_UK absorbed into q
+            q_latent = self.heads(jnp.einsum("BTHN,CHN->BTHC", q_c, self.w_uk))  # W_UK into q
 
             def plain(q_latent, q_r, cache, lengths_B):
                 # [q W_UK | q_R] . [c_KV | k_R] = q_C . k_C + q_R . k_R: (18)'s scores, read
@@ -143,4 +154,4 @@ class MLA(nn.Module):
             else:
                 o_latent = plain(q_latent, q_r, cache, None)
             o = jnp.einsum("BTHC,CHV->BTHV", o_latent, self.w_uv)  # W_UV absorbed into output
-        return jnp.einsum("BTHV,HVD->BTD", o, self.w_o), cache
+        return jnp.einsum("BTHV,HVD->BTD", self.heads(o), self.w_o), cache

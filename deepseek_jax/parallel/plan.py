@@ -1,39 +1,56 @@
-"""Per-device memory, all-to-all traffic and expert FLOPs of a config on a mesh, without
-allocating it.
+"""Per-device memory, all-to-all traffic and expert FLOPs of a training run on a mesh,
+without allocating it.
 
+    deepseek-jax-plan --config v2 --mesh data=4,fsdp=32,expert=8      # the run config's
     deepseek-jax-plan --preset v2 --mesh data=4,expert=8 --param_dtype bfloat16 --dtype bfloat16
 
-(= python -m deepseek_jax.parallel.plan; flags as every command's, cli/parser.py.)
+(= python -m deepseek_jax.parallel.plan; flags as every command's, cli/parser.py; with
+--config, `--config.<section>.<field>=V` overrides a field as train.py's does.)
 
-Params, their gradients, AdamW's two moments (all in the params' dtype, as the train step
-keeps them) and the latent cache come from `jax.eval_shape` and the
-rules table's shardings. One MoE layer's routed experts are costed twice: predicted from
-shapes alone (`predicted_layer_cost`: the dispatch's C and B from `expert.sizes`) and read
-from the program XLA compiles for it (`compiled_layer_cost`: all-to-all operand bytes and
-the expert dots' FLOPs, loop bodies times their trip counts, `hlo.py`); the tests hold the
-two within 10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a
-GPU/TPU host, where it asks for the CPU platform). A command-line tool over the model and
-the rules, so it imports the model (the model never imports it).
+Memory, from shapes (`train_memory`, no compile): params, their gradients and AdamW's
+moments in the dtypes and ZeRO-1 shardings of the train loop's own state (`train/state.py`,
+`train/optimizer.py`, `placement.py`); activations of one micro-batch under the remat
+policy: the residuals each layer keeps for its backward times the layers, plus the peak of
+one layer's recomputed forward and cotangents, plus the logits; and the latent cache of a
+generation. `--compile` also compiles the real train step on abstract sharded inputs and
+reads `memory_analysis()` (`compiled_train_memory`); the tests hold the two within 15%.
+
+One MoE layer's routed experts are costed twice: predicted from shapes alone
+(`predicted_layer_cost`: the dispatch's C and B from `expert.sizes`) and read from the
+program XLA compiles for it (`compiled_layer_cost`: all-to-all operand bytes and the expert
+dots' FLOPs, loop bodies times their trip counts, `hlo.py`); the tests hold the two within
+10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a GPU/TPU
+host, where it asks for the CPU platform). A command-line tool over the model, the rules and
+the train step, so it imports them (none of them imports it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import NamedSharding
+import ml_collections
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.cli import args as config_args
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import COMPUTE_DTYPES, DTYPES, PRESETS, ModelConfig, preset, resolve_dtype
 from deepseek_jax.errors import UserError, report_errors
+from deepseek_jax.model.attention import default_block
 from deepseek_jax.model.experts import tile_rows
 from deepseek_jax.model.moe import route
-from deepseek_jax.model.transformer import init_cache, init_params
+from deepseek_jax.model.transformer import init_cache, stacks
 from deepseek_jax.parallel import expert, hlo, placement, rules
-from deepseek_jax.parallel.mesh import make_mesh, parse_mesh
+from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh, parse_mesh
+from deepseek_jax.train import optimizer as opt
+from deepseek_jax.train import step as train_step
+from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.state import init_state
 
 GiB = 2**30
 
@@ -48,23 +65,196 @@ def per_device_bytes(shapes, shardings) -> int:
     return sum(jax.tree.leaves(sizes))
 
 
-def memory(cfg: ModelConfig, mesh, batch: int, length: int) -> dict[str, int]:
-    cfg = resolve_dtype(cfg, mesh)
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    # The train step's AdamW (optax's default mu_dtype) keeps its moments in the params' dtype.
-    state = jax.eval_shape(optax.adamw(1e-3).init, params)
-    cache = jax.eval_shape(lambda: init_cache(cfg, batch, length))
-    shardings = placement.param_shardings(cfg, mesh)
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the planner costs: `cfg` trained on `mesh`, `batch` sequences of `length` tokens a
+    step in `micro_steps` micro-batches (gradient accumulation), AdamW per `optimizer` (a
+    config.optimizer section)."""
+
+    cfg: ModelConfig
+    mesh: Mesh
+    batch: int
+    length: int
+    micro_steps: int
+    optimizer: ml_collections.ConfigDict
+
+    def __post_init__(self):
+        # A compute dtype of "auto" resolves for the mesh's devices; the command line resolves
+        # it for "tpu" first: it plans an accelerator run, fake CPU devices standing in.
+        object.__setattr__(self, "cfg", resolve_dtype(self.cfg, self.mesh))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one device holds of one micro-batch (n)."""
+        return self.batch // self.micro_steps * self.length // rules.token_devices(self.mesh)
+
+
+def train_state(run: Run):
+    """(the train state as ShapeDtypeStructs, its shardings, the optimizer, its schedule): the
+    train loop's own (train/optimizer.py, train/state.py, train/step.py)."""
+    steps = run.optimizer.warmup_steps + 1  # any run the schedule accepts: shapes only
+    optimizer = opt.make_optimizer(run.optimizer, steps)
+    state = jax.eval_shape(functools.partial(init_state, run.cfg, optimizer, 0))
+    shardings = train_step.state_shardings(run.cfg, run.mesh, state)
+    return state, shardings, optimizer, opt.schedule(run.optimizer, steps)
+
+
+def state_memory(run: Run) -> dict[str, int]:
+    """Per device: params, their gradients and AdamW's moments, each in the dtype the train
+    step keeps it in (the moments take the params' dtype: optax's default mu_dtype). One
+    gradient copy: the step sums micro-batch gradients into an accumulator placed like the
+    params, and XLA adds each into it where it is produced (measured: the compiled step's
+    temporaries beyond the activations are one params-sized copy)."""
+    state, shardings, _, _ = train_state(run)
+    params = per_device_bytes(state.params, shardings.params)
+    moments = per_device_bytes(state.opt_state, shardings.opt_state)
+    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(state.opt_state) if x.ndim})
     return {
-        f"params ({cfg.param_dtype})": per_device_bytes(params, shardings),
-        f"gradients ({cfg.param_dtype})": per_device_bytes(params, shardings),
-        f"adamw moments ({cfg.param_dtype})": per_device_bytes(
-            state, placement.opt_state_shardings(cfg, mesh, state)
-        ),
+        f"params ({run.cfg.param_dtype})": params,
+        f"gradients ({run.cfg.param_dtype})": params,
+        f"adamw moments ({', '.join(dtypes)}, ZeRO-1)": moments,
+    }
+
+
+def _heads(run: Run) -> int:
+    """MLA's heads on one device (the "act_heads" rule's split)."""
+    return run.cfg.num_attention_heads // rules.devices(run.mesh, "act_heads")
+
+
+def saved_per_layer(run: Run, moe: bool) -> int:
+    """Bytes one device keeps of one layer's forward for its backward, under the remat policy
+    (model/transformer.py REMAT_POLICIES): the layer's input (the scan's carry) and, on the
+    plain attention path, its float32 mask [b, T, T] (hoisted out of the layer scan), plus
+    what the policy saves; "none" keeps the whole forward."""
+    cfg, n, a = run.cfg, run.tokens, jnp.dtype(run.cfg.dtype).itemsize
+    policy = cfg.remat_policy
+    kept = n * cfg.hidden_size * a
+    if run.length <= (cfg.attention_block_size or default_block()):
+        kept += run.tokens * run.length * 4
+    if policy == "none":
+        return kept + attention_forward(run) + ffn_forward(run, moe)
+    if policy == "full":
+        return kept
+    if policy == "block_outputs":
+        return kept + 2 * n * cfg.hidden_size * a  # attn_out, ffn_out
+    heads = _heads(run)
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    # Dots with no batch dimension: MLA's projections (eqs. 9-15, 19), the FFN's matmuls and
+    # the float32 router; the routed experts run inside the dispatch's shard_map and loops,
+    # whose outputs no policy names, so they are recomputed.
+    mla = (cfg.q_lora_rank or 0) + heads * (2 * dn + dr + dv) + cfg.kv_lora_rank + dr
+    mla += cfg.hidden_size
+    if moe:
+        width = cfg.moe_intermediate_size * cfg.n_shared_experts // rules.devices(run.mesh, "mlp")
+        ffn = (2 * width + cfg.hidden_size) * a + cfg.n_routed_experts * 4
+    else:
+        width = cfg.intermediate_size // rules.devices(run.mesh, "mlp")
+        ffn = (2 * width + cfg.hidden_size) * a
+    kept += n * (mla * a + ffn)
+    if policy == "dots_saveable":  # and attention's batched dots: scores and p . v
+        kept += attention_scores(run) + n * heads * dv * a
+    return kept
+
+
+def attention_scores(run: Run) -> int:
+    """Bytes of one layer's float32 attention scores on one device: [b, H, T, T] on the plain
+    path, one [b, H, block, block] tile at a time on the blockwise one (model/attention.py)."""
+    cfg, length = run.cfg, run.length
+    block = cfg.attention_block_size or default_block()
+    side = length if length <= block else block
+    return run.tokens // length * _heads(run) * side * side * 4
+
+
+def attention_forward(run: Run) -> int:
+    """Bytes of MLA's forward that its backward reads: q, k [b, T, H, N + R], v and the
+    output [b, T, H, V], the scores and their softmax."""
+    cfg, a = run.cfg, jnp.dtype(run.cfg.dtype).itemsize
+    k, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    return run.tokens * _heads(run) * (2 * k + 2 * v) * a + 2 * attention_scores(run)
+
+
+def ffn_forward(run: Run, moe: bool) -> int:
+    """Bytes of the FFN's forward that its backward reads. Dense: the gate, up and gated
+    hidden [n, I] and the output. MoE: the rows the all-to-all brought and sends back
+    [P x C, D], each kept slot's x and y [B, D] and hidden [B, 3 I] (B the budget, in whole
+    grouped-matmul tiles), the combined output [n, D]."""
+    cfg, n, a, d = run.cfg, run.tokens, jnp.dtype(run.cfg.dtype).itemsize, run.cfg.hidden_size
+    if not moe:
+        return n * (3 * cfg.intermediate_size // rules.devices(run.mesh, "mlp") + d) * a
+    size = layer_sizes(cfg, run.mesh, run.batch // run.micro_steps, run.length, True)
+    p = expert.expert_devices(cfg, run.mesh)
+    width = cfg.moe_intermediate_size // rules.devices(run.mesh, "expert_mlp")
+    experts = cfg.n_routed_experts // p
+    tile = tile_rows(size.budget, experts)
+    slots = (-(-size.budget // tile) + experts) * tile
+    return (2 * p * size.c * d + slots * (2 * d + 3 * width) + n * d) * a
+
+
+def layer_peak(run: Run, moe: bool) -> int:
+    """Bytes live while one layer's backward runs, beyond what was saved: its recomputed
+    forward, and as much again in cotangents while the FFN's (then attention's) backward
+    runs, attention's forward still held."""
+    attention, ffn = attention_forward(run), ffn_forward(run, moe)
+    return max(attention + 2 * ffn, 2 * attention)
+
+
+def activation_memory(run: Run) -> dict[str, int]:
+    """Per device, one micro-batch: the residuals saved across the layers, the peak of one
+    layer's backward, and the head: logits, their float32 exp and gradient, the one-hot
+    targets."""
+    cfg, n = run.cfg, run.tokens
+    saved = sum(length * saved_per_layer(run, moe) for _, moe, length in stacks(cfg))
+    peak = max(layer_peak(run, moe) for _, moe, _ in stacks(cfg))
+    vocab = cfg.vocab_size // rules.devices(run.mesh, "act_vocab")
+    head = n * vocab * (jnp.dtype(cfg.dtype).itemsize + 3 * 4)
+    return {
+        f"activations saved by remat, {cfg.num_hidden_layers} layers": saved,
+        "one layer's backward (recompute + cotangents)": peak,
+        "logits and their gradient": head,
+    }
+
+
+def train_memory(run: Run) -> dict[str, int]:
+    """The train step's memory on one device from shapes (no compile), by part."""
+    fields = 5 * run.batch * run.length * 4 // rules.token_devices(run.mesh)
+    return {**state_memory(run), **activation_memory(run), "batch (5 int32/f32 fields)": fields}
+
+
+def cache_memory(cfg: ModelConfig, mesh: Mesh, batch: int, length: int) -> dict[str, int]:
+    """The latent cache of a generation of `batch` rows up to `length` tokens, per device."""
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, length))
+    return {
         f"latent cache (B {batch}, S {length}, {cfg.dtype})": per_device_bytes(
             cache, placement.cache_shardings(mesh, cache)
-        ),
+        )
     }
+
+
+def compiled_train_memory(run: Run) -> dict[str, int]:
+    """The train step XLA compiles for `run` on abstract sharded inputs, read from its
+    memory_analysis(): arguments (state, batch), outputs (state, metrics), temporaries, and
+    the bytes outputs share with donated arguments (the state, updated in place). "total" =
+    arguments + outputs + temporaries - aliased: what one device must hold."""
+    state, shardings, optimizer, schedule = train_state(run)
+    step = train_step.make_train_step(
+        run.cfg, optimizer, schedule, run.mesh, shardings, run.micro_steps
+    )
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+    sharding = rules.batch_sharding(run.mesh)
+    tokens = jax.ShapeDtypeStruct((run.batch, run.length), jnp.int32, sharding=sharding)
+    weights = jax.ShapeDtypeStruct((run.batch, run.length), jnp.float32, sharding=sharding)
+    batch = dict(inputs=tokens, targets=tokens, positions=tokens, segment_ids=tokens)
+    m = step.lower(state, {**batch, "weights": weights}).compile().memory_analysis()
+    out = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+    }
+    out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
 
 
 def layer_sizes(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> expert.Sizes:
@@ -83,7 +273,7 @@ def predicted_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: 
     size = layer_sizes(cfg, mesh, batch, length, drop)
     p = expert.expert_devices(cfg, mesh)
     d, k, l = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts // p
-    width = cfg.moe_intermediate_size // math.prod(mesh.shape[a] for a in rules.TABLE["expert_mlp"])
+    width = cfg.moe_intermediate_size // rules.devices(mesh, "expert_mlp")
     rows = p * size.c
     activations = 2 * rows * d * jnp.dtype(cfg.dtype).itemsize  # dispatch + combine
     metadata = rows * k * (3 * 4 + 1)  # (expert, gate, priority) f32 out, kept int8 back
@@ -131,20 +321,71 @@ def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: b
     }
 
 
+def run_from_config(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> Run:
+    """A Run from an experiment config (configs/*.py): its model, mesh, batch (the ramp's
+    last size), sequence length, accumulation and optimizer. config.mesh.data = 0 (whatever
+    the other axes leave) is 1 here, where no devices exist to fill: give --mesh."""
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES} | mesh_sizes
+    sizes["data"] = sizes["data"] or 1
+    return Run(
+        cfg=resolve_dtype(ModelConfig.from_dict(config.model.to_dict()), "tpu"),
+        mesh=fake_mesh(sizes),
+        batch=config.train.batch_size,
+        length=config.data.seq_len,
+        micro_steps=config.train.micro_steps,
+        optimizer=config.optimizer,
+    )
+
+
+def fake_mesh(sizes: dict[str, int]) -> Mesh:
+    """A mesh of fake CPU devices, even on a GPU/TPU host; must precede a jax backend's use."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
+    return make_mesh(**sizes)
+
+
+def check(run: Run, name: str) -> None:
+    """The planner's bad inputs, in one line each, before anything is traced."""
+    cfg, mesh, splits = run.cfg, run.mesh, rules.token_devices(run.mesh)
+    if cfg.n_routed_experts % mesh.shape["expert"]:
+        raise UserError(
+            f"--mesh expert={mesh.shape['expert']} does not divide the {cfg.n_routed_experts} "
+            f"routed experts of {name}: give a divisor"
+        )
+    if run.batch % (run.micro_steps * splits):
+        raise UserError(
+            f"--batch {run.batch} in {run.micro_steps} micro-batches does not split over "
+            f"{splits} devices: give a multiple of {run.micro_steps * splits}"
+        )
+
+
+def print_table(title: str, parts: dict[str, int]) -> None:
+    print(title)
+    for name, size in parts.items():
+        print(f"  {name:52s} {size / GiB:10.2f} GiB")
+
+
 @report_errors("deepseek-jax-plan")
 def main(argv: list[str] | None = None) -> None:
     parser = Parser("deepseek-jax-plan", __doc__)
-    parser.add_argument("--preset", default="v2", choices=sorted(PRESETS))
-    parser.add_argument("--mesh", default="data=1", help="e.g. data=4,fsdp=2,expert=8")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="NAME_OR_FILE",
+        help="an experiment config (v2, v2_lite, ... or a .py file; --config.<section>.<field>=V "
+        "overrides a field): its model, mesh, batch, seq_len, micro_steps and dtypes",
+    )
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default v2")
+    parser.add_argument("--mesh", default=None, help="e.g. data=4,fsdp=2,expert=8")
     parser.add_argument(
         "--batch",
         type=int,
         default=None,
-        help="sequences per step (default 10 per batch-splitting device, so that the 10%% "
-        "never-drop sequences are spread over the devices rather than all or nothing)",
+        help="sequences per step (--preset: default 10 per batch-splitting device, so that the "
+        "10%% never-drop sequences are spread over the devices rather than all or nothing)",
     )
-    parser.add_argument("--seq_len", type=int, default=4096)
-    parser.add_argument("--capacity_factor", type=float, default=1.0, help="0 for dropless")
+    parser.add_argument("--seq_len", type=int, default=None, help="--preset: default 4096")
+    parser.add_argument("--capacity_factor", type=float, default=None, help="0 for dropless")
     parser.add_argument(
         "--dtype",
         choices=COMPUTE_DTYPES,
@@ -154,42 +395,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also compile one MoE layer on fake devices and read its costs (minutes at V2)",
+        help="also compile one MoE layer and the whole train step on fake devices and read "
+        "their costs and memory (minutes at V2)",
     )
-    args = parser.parse_args(argv)
+    overrides, rest = config_args.split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(rest)
+    if args.config and args.preset:
+        raise UserError("give --config or --preset, not both")
+    if overrides and not args.config:
+        raise UserError(f"--config.{overrides[0][0]} needs --config NAME_OR_FILE")
 
-    sizes = parse_mesh(args.mesh)
-    # Fake CPU devices for the mesh, even on a GPU/TPU host; must precede the first use of a
-    # jax backend.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
-    mesh = make_mesh(**sizes)
-    cfg = preset(args.preset).replace(
-        capacity_factor=args.capacity_factor or None,
-        dtype=args.dtype or preset(args.preset).dtype,
-        param_dtype=args.param_dtype or preset(args.preset).param_dtype,
+    mesh_sizes = parse_mesh(args.mesh) if args.mesh else {}
+    if args.config:
+        name = args.config
+        run = run_from_config(config_args.resolve(args.config, overrides), mesh_sizes)
+    else:
+        name = args.preset or "v2"
+        mesh = fake_mesh(mesh_sizes or {"data": 1})
+        run = Run(
+            cfg=resolve_dtype(preset(name), "tpu"),
+            mesh=mesh,
+            batch=10 * rules.token_devices(mesh),
+            length=4096,
+            micro_steps=1,
+            optimizer=base_config(name).optimizer,
+        )
+    capacity = run.cfg.capacity_factor
+    if args.capacity_factor is not None:  # 0: dropless
+        capacity = args.capacity_factor or None
+    cfg = run.cfg.replace(
+        capacity_factor=capacity,
+        dtype=args.dtype or run.cfg.dtype,
+        param_dtype=args.param_dtype or run.cfg.param_dtype,
     )
-    # The plan is for an accelerator run, though fake CPU devices stand in for the mesh.
-    cfg = resolve_dtype(cfg, "tpu")
-    batch = args.batch or 10 * rules.token_devices(mesh)
-    if cfg.n_routed_experts % mesh.shape["expert"]:
-        raise UserError(
-            f"--mesh expert={mesh.shape['expert']} does not divide the {cfg.n_routed_experts} "
-            f"routed experts of {args.preset}: give a divisor"
-        )
-    if batch % rules.token_devices(mesh):
-        raise UserError(
-            f"--batch {batch} does not split over {rules.token_devices(mesh)} devices: "
-            "give a multiple"
-        )
+    run = dataclasses.replace(
+        run, cfg=cfg, batch=args.batch or run.batch, length=args.seq_len or run.length
+    )
+    check(run, name)
+    mesh, batch, length = run.mesh, run.batch // run.micro_steps, run.length
 
     print(
-        f"{args.preset} on mesh {dict(mesh.shape)}: params {cfg.param_dtype}, compute "
-        f"{cfg.dtype}, batch {batch} x {args.seq_len}, capacity factor {cfg.capacity_factor}"
+        f"{name} on mesh {dict(mesh.shape)}: params {cfg.param_dtype}, compute {cfg.dtype}, "
+        f"batch {run.batch} x {length} in {run.micro_steps} micro-batches, remat "
+        f"{cfg.remat_policy}, capacity factor {cfg.capacity_factor}"
     )
-    print("per-device memory")
-    for name, size in memory(cfg, mesh, batch, args.seq_len).items():
-        print(f"  {name:44s} {size / GiB:10.2f} GiB")
+    planned = train_memory(run)
+    print_table("train step, per device (from shapes)", planned)
+    print(f"  {'total':52s} {sum(planned.values()) / GiB:10.2f} GiB")
+    if args.compile:
+        compiled = compiled_train_memory(run)
+        print_table("train step, per device (compiled: memory_analysis)", compiled)
+    print_table("generation, per device", cache_memory(cfg, mesh, batch, length))
     ideal = {
         "activation bytes": 2
         * expert.devices_per_token(cfg, mesh.shape["expert"])
@@ -203,8 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = [("train step (capacity)", True), ("dropless (eval, generation)", False)]
     for label, drop in rows:
-        predicted = predicted_layer_cost(cfg, mesh, batch, args.seq_len, drop)
-        compiled = compiled_layer_cost(cfg, mesh, batch, args.seq_len, drop) if args.compile else {}
+        predicted = predicted_layer_cost(cfg, mesh, batch, length, drop)
+        compiled = compiled_layer_cost(cfg, mesh, batch, length, drop) if args.compile else {}
         for key, value in predicted.items():
             got = f"   compiled {compiled[key]:14,.0f}" if key in compiled else ""
             base = ideal.get(key) or ideal["activation bytes"]

@@ -41,6 +41,12 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("length", ()),
     ("act_embed", ()),
     ("act_vocab", ("tensor",)),
+    # Inside MLA (model/mla.py): queries, keys, values and the attention output [B, T, H, *]
+    # split their heads like the weights that make them (Megatron), the latent c_KV [B, T, C]
+    # is whole on every device of its rows (each head's W_UK reads all of it).
+    ("act_heads", ("tensor",)),
+    ("act_head_dim", ()),
+    ("act_kv_lora", ()),
     ("cache_length", ()),
     ("latent", ()),
 )
@@ -77,9 +83,14 @@ def token_axes() -> tuple[str, ...]:
     return TABLE["batch"]
 
 
+def devices(mesh: Mesh, logical: str) -> int:
+    """How many ways the rules split the logical axis `logical` on `mesh`."""
+    return math.prod(mesh.shape[axis] for axis in TABLE[logical])
+
+
 def token_devices(mesh: Mesh) -> int:
     """How many ways the tokens split: the product of the token axes' sizes on `mesh`."""
-    return math.prod(mesh.shape[axis] for axis in token_axes())
+    return devices(mesh, "batch")
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, logical: Sequence[str | None]) -> jax.Array:
