@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
-from train_helpers import cli_flags, small_config
+from train_helpers import cli_flags, small_config, typed
 
 from deepseek_jax.checkpoint.orbax import BROKEN, load_params, make_manager
 from deepseek_jax.train.loop import run
@@ -160,13 +160,13 @@ def remove_data_state(step_dir: str) -> None:
 def test_a_step_that_does_not_restore_is_set_aside_and_the_one_before_used(tmp_path, capsys):
     config = small_config(tmp_path, steps=4, save_every=2, eval_every=100, log_every=1)
     config.train.async_checkpoint = False
-    run(config)
+    run(typed(config))
     checkpoints = os.path.join(config.train.run_dir, "checkpoints")
     for damage, step, steps in ((break_params, 4, 6), (remove_data_state, 6, 8)):
         damage(os.path.join(checkpoints, str(step)))
         capsys.readouterr()
         config.train.steps = steps
-        run(config)
+        run(typed(config))
         out = capsys.readouterr().out
         lines = [x for x in out.splitlines() if "does not restore" in x]
         assert len(lines) == 1, out

@@ -10,7 +10,7 @@ against 3.12 bits/byte at step 200 of the earlier default, measured); the rate i
 decays by the paper's steps because the run is short.
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ The default data is the addition task of `bench/addition_demo.py` (which writes 
     deepseek-jax-train --config sft --config.data.path=runs/addition/train.jsonl
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():

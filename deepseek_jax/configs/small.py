@@ -6,7 +6,7 @@
         --config.data.path=DIR
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():

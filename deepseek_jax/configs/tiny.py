@@ -4,7 +4,7 @@ test and the base of the tests' configs.
     deepseek-jax-train --config tiny --config.train.steps=200
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():

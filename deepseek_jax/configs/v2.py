@@ -10,7 +10,7 @@ sequences never dropped; plain RoPE (YaRN comes after pretraining: configs/v2_lo
     python -m deepseek_jax.train.schedule --config v2      # the plan, step by step
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ are a constant 1 with zero gradient, so their weights are 0. Plain RoPE at 4K (Y
 the long-context stage). bf16 compute; needs accelerators.
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
