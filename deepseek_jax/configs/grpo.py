@@ -13,14 +13,9 @@ from deepseek_jax.train.settings import GRPOSettings
 def get_config():
     config = sft.get_config()
     config.mode = "grpo"
-    config.optimizer.learning_rate = 5e-4
-    config.optimizer.warmup_steps = 5
-    config.optimizer.schedule = "cosine"
+    config.optimizer.update(learning_rate=5e-4, warmup_steps=5, schedule="cosine")
     config.train.steps = 60  # rollout batches; each makes grpo.updates optimizer steps
-    config.train.log_every = 1
-    config.train.save_every = 20
-    config.train.run_dir = "runs/grpo"
-
+    config.train.update(log_every=1, save_every=20, run_dir="runs/grpo")
     # GRPOSettings' defaults (what each field does: deepseek_jax/cli/fields.py).
     config.grpo = dataclasses.asdict(GRPOSettings(init_from="runs/sft"))
     return config

@@ -137,13 +137,14 @@ def row_datasets(data_cfg: DataSettings, seq_len: int) -> tuple[dict[str, grain.
 
 def read_meta(directory: str) -> dict:
     path = os.path.join(directory, META)
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found: write the ArrayRecord data with "
             "`deepseek-jax-prepare --config CONFIG --out DIR` first"
-        )
-    with open(path) as f:
-        return json.load(f)
+        ) from None
 
 
 def to_examples(rows: grain.MapDataset) -> grain.MapDataset:

@@ -168,15 +168,15 @@ def grpo_loop(config: RunConfig, context: RunContext):
         cfg=cfg,
         settings=settings,
         mesh=mesh,
-        tokenizer=tokenizer,
-        reward=reward,
-        prompts=prompts,
-        texts=texts,
         reference=reference,
         reference_logp=make_reference_fn(cfg, mesh, shardings.params, settings.max_new_tokens),
         update=make_update_step(
             cfg, optimizer, mesh, shardings, settings.clip_eps, settings.kl_coef
         ),
+        tokenizer=tokenizer,
+        reward=reward,
+        prompts=prompts,
+        texts=texts,
     )
     metrics: dict = {}
     first = int(state.step) // settings.updates + 1
