@@ -71,7 +71,7 @@ def test_killed_mid_save_resumes_from_the_step_before_bitwise_and_logs_each_step
     # Evaluating every step widens the window between checkpoints for the kill.
     settings = dict(save_every=3, log_every=1, eval_every=1, eval_batches=4)
     straight = small_config(tmp_path / "a", **settings)
-    run(straight)
+    run(typed(straight))
 
     resumed = small_config(tmp_path / "b", **settings)
     checkpoints = os.path.join(resumed.train.run_dir, "checkpoints")
@@ -84,7 +84,7 @@ def test_killed_mid_save_resumes_from_the_step_before_bitwise_and_logs_each_step
     assert manager.latest_step() == 3
     manager.close()
     assert max(r["step"] for r in read(resumed.train.run_dir)) > 3  # steps the resume replays
-    run(resumed)
+    run(typed(resumed))
 
     _, a = load_params(straight.train.run_dir)
     _, b = load_params(resumed.train.run_dir)
