@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import deepseek_jax as dj  # noqa: E402
 from deepseek_jax.checkpoint import orbax as ckpt  # noqa: E402
+from deepseek_jax.configs import from_config_dict  # noqa: E402
 from deepseek_jax.configs import grpo as grpo_config  # noqa: E402
 from deepseek_jax.configs import sft as sft_config  # noqa: E402
 from deepseek_jax.data.tokenizers import ByteTokenizer  # noqa: E402
@@ -124,7 +125,7 @@ def run_sft(args, data: str, valid: list[tuple]):
     curve = {}
     for step in range(args.chunk, args.max_sft_steps + 1, args.chunk):
         config.train.steps = config.train.save_every = config.train.eval_every = step
-        sft.run(config)
+        sft.run(from_config_dict(config))
         curve[step] = accuracy(sft_dir, valid, args.digits, step)
         print(f"SFT step {step}: validation exact match {curve[step]:.3f}", flush=True)
         if curve[step] >= args.start_accuracy:
@@ -169,7 +170,7 @@ def main(argv=None) -> None:
     config.train.run_dir = os.path.join(args.out, "grpo")
     config.grpo.init_from = sft_dir
     config.grpo.init_step = step
-    grpo.run(config)
+    grpo.run(from_config_dict(config))
     grpo_s = time.perf_counter() - start
     after = accuracy(config.train.run_dir, held_out, args.digits)
     print(f"held-out exact match after GRPO: {after:.3f}", flush=True)

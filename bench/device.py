@@ -32,7 +32,7 @@ from deepseek_jax.model.transformer import unstack_params
 from deepseek_jax.sizes import param_counts
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings
 
 # Published dense bf16 peak FLOP/s and HBM bytes/s per chip, by device_kind substring.
 CHIPS = {
@@ -128,13 +128,10 @@ def decode_weight_bytes(cfg: dj.ModelConfig, batch: int, itemsize: int) -> float
 
 
 def bench_train(cfg, mesh, batch: int, seq: int, peak: float, repeats: int) -> dict:
-    config = base_config("v2_lite")
-    config.optimizer.warmup_steps = 1
-    optimizer = opt.make_optimizer(config.optimizer, 1000)
+    oc = OptimizerSettings(warmup_steps=1)
+    optimizer = opt.make_optimizer(oc, 1000)
     state, shardings = steps.init_sharded_state(cfg, optimizer, 0, mesh)
-    fn = steps.make_train_step(
-        cfg, optimizer, opt.schedule(config.optimizer, 1000), mesh, shardings, 1
-    )
+    fn = steps.make_train_step(cfg, optimizer, opt.schedule(oc, 1000), mesh, shardings, 1)
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))

@@ -30,7 +30,7 @@ from deepseek_jax.checkpoint.hf import save_hf
 from deepseek_jax.sizes import param_counts
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -104,8 +104,7 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count())
 
     cfg = dj.preset(args.preset)
-    oc = base_config(args.preset).optimizer
-    oc.warmup_steps = 10
+    oc = OptimizerSettings(warmup_steps=10)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
     batch = {

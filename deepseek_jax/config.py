@@ -463,6 +463,51 @@ HF_IGNORED = {
 # Presets ---------------------------------------------------------------------------------------
 
 
+# The published V2 is ModelConfig's defaults; the other presets, one column each, state only
+# what differs from it (`...`: V2's value). v2_lite: DeepSeek-V2-Lite (15.7B total, 2.4B
+# active) as published; small: a CPU-benchmark size, about 100M total parameters with
+# group-limited routing; tiny: the test and default-job size, byte vocabulary, a few million
+# parameters.
+PRESET_COLUMNS = ("v2_lite", "small", "tiny")
+# fmt: off
+PRESET_TABLE = {
+    "vocab_size":              (...,      32000, 256),
+    "hidden_size":             (2048,     512,   256),
+    "num_hidden_layers":       (27,       8,     4),
+    "num_attention_heads":     (16,       8,     4),
+    "q_lora_rank":             (None,     256,   None),
+    "kv_lora_rank":            (...,      128,   64),
+    "qk_nope_head_dim":        (...,      64,    32),
+    "qk_rope_head_dim":        (...,      32,    16),
+    "v_head_dim":              (...,      64,    32),
+    "intermediate_size":       (10944,    1536,  768),
+    "moe_intermediate_size":   (1408,     256,   192),
+    "n_routed_experts":        (64,       32,    16),
+    "n_shared_experts":        (...,      ...,   1),
+    "num_experts_per_tok":     (...,      4,     2),
+    "topk_method":             ("greedy", ...,   ...),
+    "n_group":                 (1,        4,     4),
+    "topk_group":              (1,        2,     2),
+    "routed_scaling_factor":   (1.0,      2.0,   1.0),
+    "max_position_embeddings": (...,      4096,  2048),
+    "rope_scaling":            (...,      None,  None),
+    "bos_token_id":            (...,      None,  None),
+    "eos_token_id":            (...,      None,  None),
+    "aux_loss_alpha1":         (0.001,    ...,   0.001),
+    "aux_loss_alpha2":         (...,      ...,   0.0),
+    "aux_loss_alpha3":         (...,      ...,   0.0),
+}
+# fmt: on
+
+
+def preset_column(name: str) -> ModelConfig:
+    """The preset of PRESET_TABLE's column `name`."""
+    i = PRESET_COLUMNS.index(name)
+    return ModelConfig(
+        **{field: row[i] for field, row in PRESET_TABLE.items() if row[i] is not ...}
+    )
+
+
 def v2() -> ModelConfig:
     """DeepSeek-V2 (236B total, 21B active), as published."""
     return ModelConfig()
@@ -470,82 +515,17 @@ def v2() -> ModelConfig:
 
 def v2_lite() -> ModelConfig:
     """DeepSeek-V2-Lite (15.7B total, 2.4B active), as published."""
-    return ModelConfig(
-        hidden_size=2048,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        q_lora_rank=None,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
-        n_routed_experts=64,
-        num_experts_per_tok=6,
-        topk_method="greedy",
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        aux_loss_alpha1=0.001,
-    )
+    return preset_column("v2_lite")
 
 
 def small() -> ModelConfig:
     """A CPU-benchmark size: about 100M total parameters, group-limited routing."""
-    return ModelConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        intermediate_size=1536,
-        moe_intermediate_size=256,
-        n_routed_experts=32,
-        n_shared_experts=2,
-        num_experts_per_tok=4,
-        topk_method="group_limited_greedy",
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.0,
-        first_k_dense_replace=1,
-        max_position_embeddings=4096,
-        rope_scaling=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    return preset_column("small")
 
 
 def tiny() -> ModelConfig:
     """A test and default-job size: byte vocabulary, a few million parameters."""
-    return ModelConfig(
-        vocab_size=256,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        q_lora_rank=None,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        intermediate_size=768,
-        moe_intermediate_size=192,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        topk_method="group_limited_greedy",
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=1.0,
-        first_k_dense_replace=1,
-        max_position_embeddings=2048,
-        rope_scaling=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        aux_loss_alpha1=0.001,
-        aux_loss_alpha2=0.0,
-        aux_loss_alpha3=0.0,
-    )
+    return preset_column("tiny")
 
 
 PRESETS = {"tiny": tiny, "small": small, "v2_lite": v2_lite, "v2": v2}

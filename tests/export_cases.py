@@ -24,7 +24,7 @@ from deepseek_jax.model.transformer import init_cache, unstack_params
 from deepseek_jax.parallel import placement, rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings
 from deepseek_jax.train.state import init_state
 
 if jax.device_count() != 16:
@@ -75,14 +75,11 @@ def mesh():
 
 
 def test_train_step_exports_with_the_tpu_kernels():
-    config = base_config("v2_lite")
-    config.optimizer.warmup_steps = 2
-    optimizer = opt.make_optimizer(config.optimizer, 10)
+    oc = OptimizerSettings(warmup_steps=2)
+    optimizer = opt.make_optimizer(oc, 10)
     state = jax.eval_shape(functools.partial(init_state, CFG, optimizer, 0))
     shardings = steps.state_shardings(CFG, mesh(), state)
-    fn = steps.make_train_step(
-        CFG, optimizer, opt.schedule(config.optimizer, 10), mesh(), shardings, 1
-    )
+    fn = steps.make_train_step(CFG, optimizer, opt.schedule(oc, 10), mesh(), shardings, 1)
     batch_sharding = rules.batch_sharding(mesh())
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding)
     weights = jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=batch_sharding)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
-from train_helpers import cli_flags, small_config
+from train_helpers import cli_flags, small_config, typed
 
 from deepseek_jax.checkpoint.orbax import BROKEN, load_params, make_manager
 from deepseek_jax.train.loop import run
@@ -71,7 +71,7 @@ def test_killed_mid_save_resumes_from_the_step_before_bitwise_and_logs_each_step
     # Evaluating every step widens the window between checkpoints for the kill.
     settings = dict(save_every=3, log_every=1, eval_every=1, eval_batches=4)
     straight = small_config(tmp_path / "a", **settings)
-    run(straight)
+    run(typed(straight))
 
     resumed = small_config(tmp_path / "b", **settings)
     checkpoints = os.path.join(resumed.train.run_dir, "checkpoints")
@@ -84,7 +84,7 @@ def test_killed_mid_save_resumes_from_the_step_before_bitwise_and_logs_each_step
     assert manager.latest_step() == 3
     manager.close()
     assert max(r["step"] for r in read(resumed.train.run_dir)) > 3  # steps the resume replays
-    run(resumed)
+    run(typed(resumed))
 
     _, a = load_params(straight.train.run_dir)
     _, b = load_params(resumed.train.run_dir)
@@ -160,13 +160,13 @@ def remove_data_state(step_dir: str) -> None:
 def test_a_step_that_does_not_restore_is_set_aside_and_the_one_before_used(tmp_path, capsys):
     config = small_config(tmp_path, steps=4, save_every=2, eval_every=100, log_every=1)
     config.train.async_checkpoint = False
-    run(config)
+    run(typed(config))
     checkpoints = os.path.join(config.train.run_dir, "checkpoints")
     for damage, step, steps in ((break_params, 4, 6), (remove_data_state, 6, 8)):
         damage(os.path.join(checkpoints, str(step)))
         capsys.readouterr()
         config.train.steps = steps
-        run(config)
+        run(typed(config))
         out = capsys.readouterr().out
         lines = [x for x in out.splitlines() if "does not restore" in x]
         assert len(lines) == 1, out

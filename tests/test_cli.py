@@ -20,7 +20,9 @@ from deepseek_jax import configs
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli import train as cli_train
 from deepseek_jax.cli.fields import FIELDS
+from deepseek_jax.config import ModelConfig
 from deepseek_jax.errors import DEBUG_ENV, UserError
+from deepseek_jax.train.settings import GRPOSettings, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = "deepseek_jax.cli.train"
@@ -160,6 +162,27 @@ def test_config_by_name_equals_by_file_and_overrides_take_the_field_type(tmp_pat
         cli_args.resolve("tiny", [("train.async_checkpoint", "maybe")])
     with pytest.raises(UserError, match="config.model has no field 'hidden'"):
         cli_args.resolve("tiny", [("model.hidden", "8")])
+
+
+def test_from_config_dict_types_every_section_and_refuses_unknown_keys():
+    """The one converter: a shipped config becomes the typed RunConfig field for field, the
+    ConfigDict defaults are the typed ones, and a key no settings class has is named."""
+    config = configs.load("grpo")
+    run = configs.from_config_dict(config)
+    assert isinstance(run, RunConfig) and isinstance(run.model, ModelConfig)
+    assert isinstance(run.grpo, GRPOSettings) and run.grpo.init_from == "runs/sft"
+    assert run.to_dict() == config.to_dict()  # nothing lost or renamed on the way
+    assert configs.base_config("v2").to_dict() == RunConfig().to_dict()  # stated once
+    assert configs.from_config_dict(configs.load("tiny")).grpo is None
+    with config.unlocked():
+        config.train.stepz = 5
+    with pytest.raises(UserError, match=r"--config.train.stepz: TrainSettings has no such"):
+        configs.from_config_dict(config)
+    config = configs.load("tiny")
+    with config.unlocked():
+        config.extra = 1
+    with pytest.raises(UserError, match=r"--config.extra: not a section of a run config"):
+        configs.from_config_dict(config)
 
 
 def test_process_flags_imply_distributed():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from train_helpers import small_config
+from train_helpers import small_config, typed
 
 from deepseek_jax.data import packing, pipeline, sources
 from deepseek_jax.data.prepare import prepare
@@ -66,7 +66,7 @@ def batches(ds, n):
 
 def test_pipeline_is_seeded_sharded_and_resumes_exactly(tmp_path):
     config = small_config(tmp_path)
-    rows, tokenizer = pipeline.row_datasets(config.data, config.data.seq_len)
+    rows, tokenizer = pipeline.row_datasets(typed(config).data, config.data.seq_len)
     assert tokenizer == "byte"
     first = batches(pipeline.train_batches(rows["train"], 4, seed=0), 3)
     again = batches(pipeline.train_batches(rows["train"], 4, seed=0), 3)
@@ -92,10 +92,10 @@ def test_pipeline_is_seeded_sharded_and_resumes_exactly(tmp_path):
 
 def test_prepare_writes_arrayrecord_that_reads_back_the_same_rows(tmp_path):
     config = small_config(tmp_path)
-    meta = prepare(config.data, str(tmp_path / "packed"))
-    in_memory, _ = pipeline.row_datasets(config.data, config.data.seq_len)
+    meta = prepare(typed(config).data, str(tmp_path / "packed"))
+    in_memory, _ = pipeline.row_datasets(typed(config).data, config.data.seq_len)
     config.data.source, config.data.path = "arrayrecord", str(tmp_path / "packed")
-    on_disk, tokenizer = pipeline.row_datasets(config.data, config.data.seq_len)
+    on_disk, tokenizer = pipeline.row_datasets(typed(config).data, config.data.seq_len)
     assert tokenizer == "byte" and meta["rows"]["train"] == len(on_disk["train"])
     for split in ("train", "eval"):
         assert len(on_disk[split]) == len(in_memory[split])

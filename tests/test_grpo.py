@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from test_sft import CFG
-from train_helpers import write_additions
+from train_helpers import typed, write_additions
 
 import deepseek_jax as dj
 from deepseek_jax.rl import grpo, rewards, sft
@@ -139,7 +139,7 @@ def test_sft_then_grpo_end_to_end(tmp_path):
 
     config = shrink(sft_config.get_config())
     config.train.run_dir = str(tmp_path / "sft")
-    result = sft.run(config)
+    result = sft.run(typed(config))
     assert result["step"] == 4 and np.isfinite(result["eval_loss"])
 
     config = shrink(grpo_config.get_config())
@@ -148,7 +148,7 @@ def test_sft_then_grpo_end_to_end(tmp_path):
     config.grpo.init_from = str(tmp_path / "sft")
     config.grpo.prompts_per_step = 2
     config.grpo.group_size = 4
-    grpo.run(config)
+    grpo.run(typed(config))
     records = [r for r in read(config.train.run_dir) if r["kind"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
     for key in ("reward_mean", "reward_std", "kl", "clip_fraction", "response_length"):

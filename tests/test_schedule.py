@@ -2,6 +2,7 @@
 pipeline), the rate by tokens, the v2 / v2_long / v2_lite configs' numbers (paper 3.2.1,
 3.2.2, Appendix B), the plan printer, and the bad inputs' one-line errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_helpers import small_config
+from train_helpers import small_config, typed
 
 import deepseek_jax as dj
 from deepseek_jax import configs
@@ -26,14 +27,15 @@ from deepseek_jax.model.rope import yarn_mscale
 from deepseek_jax.model.transformer import DeepSeekV2
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import schedule
-from deepseek_jax.train.defaults import base_config
 from deepseek_jax.train.loop import run
+from deepseek_jax.train.settings import OptimizerSettings, TrainSettings
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def config_of(name):
-    return configs.load(name)
+    """A shipped config as the library takes it (typed)."""
+    return configs.from_config_dict(configs.load(name))
 
 
 def one_line_error(fn, *args, match):
@@ -70,8 +72,7 @@ def test_adamw_decays_matrices_and_leaves_norm_scales():
     """Zero gradients: Adam's step is 0, so only the decoupled decay moves a param."""
     cfg = dj.preset("tiny").replace(num_hidden_layers=2)
     params = dj.init_params(cfg, jax.random.key(0))
-    oc = base_config("tiny").optimizer
-    oc.warmup_steps, oc.learning_rate, oc.weight_decay = 0, 0.1, 0.5
+    oc = OptimizerSettings(warmup_steps=0, learning_rate=0.1, weight_decay=0.5)
     optimizer = opt.make_optimizer(oc, 10)
 
     @jax.jit
@@ -105,8 +106,7 @@ def test_batch_sizes_and_plan_count_tokens_across_stages():
 
 
 def test_ramp_is_a_staircase_of_equal_token_shares():
-    tc = base_config("tiny").train
-    tc.batch_size, tc.ramp_start, tc.ramp_tokens, tc.ramp_stages = 16, 4, 3000, 3
+    tc = TrainSettings(batch_size=16, ramp_start=4, ramp_tokens=3000, ramp_stages=3)
     sizes = schedule.ramp(tc, seq_len=10)
     assert sizes.sizes == (4, 8, 12, 16)
     plan = schedule.Plan(10, 100, sizes)
@@ -115,8 +115,7 @@ def test_ramp_is_a_staircase_of_equal_token_shares():
 
 
 def test_rate_drops_by_tokens_not_steps_when_the_batch_ramps():
-    oc = base_config("tiny").optimizer
-    oc.learning_rate, oc.warmup_steps, oc.decay_at = 1.0, 2, (0.5,)
+    oc = OptimizerSettings(learning_rate=1.0, warmup_steps=2, decay_at=(0.5,))
     plan = schedule.Plan(1, 20, BatchSizes((1, 3), (1, 11)))  # 10 tokens, then 3 a step
     assert plan.tokens == 40
     lr = schedule.learning_rate(oc, plan)
@@ -124,7 +123,7 @@ def test_rate_drops_by_tokens_not_steps_when_the_batch_ramps():
     assert plan.step_reaching(20) == 14
     assert float(lr(13)) == 1.0 and float(lr(14)) == pytest.approx(0.316)
     assert float(lr(0)) == 0.0 and float(lr(1)) == 0.5
-    oc.schedule = "cosine"
+    oc = dataclasses.replace(oc, schedule="cosine")
     cosine = schedule.learning_rate(oc, plan)
     # Cosine by tokens: halfway through the tokens after warmup, the rate is halfway down.
     half = plan.step_reaching((plan.tokens + plan.tokens_after(2)) / 2)
@@ -185,14 +184,14 @@ def test_v2_lite_config_is_appendix_b():
 def test_v2_long_config_is_paper_3_2_2_and_needs_init_from():
     config = config_of("v2_long")
     plan = schedule.make_plan(config)
-    y = dj.ModelConfig.from_dict(config.model.to_dict()).rope_scaling
+    y = config.model.rope_scaling
     assert (y.factor, y.beta_slow, y.beta_fast) == (40.0, 1.0, 32.0)
     # sqrt(t) = 0.0707 ln s + 1: the attention scale is multiplied by mscale(s, all_dim)^2
     assert yarn_mscale(y.factor, y.mscale_all_dim) == pytest.approx(0.0707 * math.log(40) + 1)
     assert y.mscale == y.mscale_all_dim  # cos/sin carry mscale / mscale_all_dim = 1
     assert (plan.steps, plan.seq_len, plan.batches.sizes) == (1000, 32768, (576,))
     one_line_error(schedule.resolve, config, match="train.init_from is empty")
-    config.train.init_from = "runs/v2"
+    config = config.replace(train=dataclasses.replace(config.train, init_from="runs/v2"))
     assert schedule.resolve(config)[0].train.steps == 1000
 
 
@@ -225,22 +224,22 @@ def test_plan_printer_prints_the_run_and_bad_input_is_one_line():
 # Bad input -------------------------------------------------------------------------------------
 
 
+def v2_with(section: str, **changes):
+    """configs/v2.py with `changes` to one section."""
+    config = config_of("v2")
+    return config.replace(**{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
 def test_schedule_points_outside_the_run_are_one_line_errors():
-    config = config_of("v2")
-    config.optimizer.decay_at = (0.9, 0.6)
-    one_line_error(schedule.make_plan, config, match=r"optimizer.decay_at=\(0.9, 0.6\)")
-    config = config_of("v2")
-    config.train.tokens = 100_000_000_000  # the ramp alone is 225B
-    one_line_error(schedule.make_plan, config, match="train.ramp_tokens=225000000000 ends at step")
-    config = config_of("v2")
-    config.train.steps = 100
-    one_line_error(schedule.make_plan, config, match="exactly one of them")
-    config = config_of("v2")
-    config.train.ramp_start = 9216
-    one_line_error(schedule.make_plan, config, match=r"train.ramp_start=9216 must lie in \(0")
-    config = config_of("v2")
-    config.optimizer.warmup_steps = 10**9
-    one_line_error(schedule.make_plan, config, match="optimizer.warmup_steps=1000000000")
+    for section, changes, match in (
+        ("optimizer", {"decay_at": (0.9, 0.6)}, r"optimizer.decay_at=\(0.9, 0.6\)"),
+        # the ramp alone is 225B
+        ("train", {"tokens": 100_000_000_000}, "train.ramp_tokens=225000000000 ends at step"),
+        ("train", {"steps": 100}, "exactly one of them"),
+        ("train", {"ramp_start": 9216}, r"train.ramp_start=9216 must lie in \(0"),
+        ("optimizer", {"warmup_steps": 10**9}, "optimizer.warmup_steps=1000000000"),
+    ):
+        one_line_error(schedule.make_plan, v2_with(section, **changes), match=match)
 
 
 def test_ramp_sizes_must_split_over_the_mesh_naming_step_and_size():
@@ -259,7 +258,7 @@ def test_ramp_sizes_must_split_over_the_mesh_naming_step_and_size():
 
 def test_ramped_batches_read_the_fixed_stream_in_order_and_resume(tmp_path):
     config = small_config(tmp_path)
-    rows, _ = pipeline.row_datasets(config.data, config.data.seq_len)
+    rows, _ = pipeline.row_datasets(typed(config).data, config.data.seq_len)
     sizes = BatchSizes((1, 2, 3), (1, 3, 5))
     ramped = iter(pipeline.train_batches(rows["train"], sizes, seed=0))
     got = [next(ramped)["inputs"] for _ in range(6)]
@@ -288,7 +287,7 @@ def test_ramped_batches_read_the_fixed_stream_in_order_and_resume(tmp_path):
 
 def test_an_epoch_past_the_end_is_reshuffled(tmp_path):
     config = small_config(tmp_path)
-    rows, _ = pipeline.row_datasets(config.data, config.data.seq_len)
+    rows, _ = pipeline.row_datasets(typed(config).data, config.data.seq_len)
     n = len(rows["train"])
     it = iter(pipeline.train_batches(rows["train"], n, seed=0))
     first, second = next(it)["inputs"], next(it)["inputs"]
@@ -299,7 +298,7 @@ def test_an_epoch_past_the_end_is_reshuffled(tmp_path):
 def test_loop_trains_on_the_ramp_starts_from_init_from_and_rejects_a_bad_size(tmp_path):
     config = small_config(tmp_path / "a", steps=6, log_every=1, eval_every=6, save_every=6)
     config.train.ramp_start, config.train.ramp_tokens, config.train.ramp_stages = 2, 2 * 64 * 3, 1
-    run(config)
+    run(typed(config))
     records = [json.loads(x) for x in open(os.path.join(config.train.run_dir, "metrics.jsonl"))]
     targets = [r["tokens"] for r in records if r["kind"] == "train"]
     # 3 steps of 2 rows of 64, then 3 of 4 (a document boundary drops a target or so)
@@ -308,12 +307,12 @@ def test_loop_trains_on_the_ramp_starts_from_init_from_and_rejects_a_bad_size(tm
     # A later stage starts from this run's params (train.init_from), not from scratch.
     later = small_config(tmp_path / "c", steps=1, log_every=1, eval_every=1, save_every=1)
     later.train.init_from, later.optimizer.warmup_steps = config.train.run_dir, 0
-    run(later)
+    run(typed(later))
     first = [json.loads(x) for x in open(os.path.join(later.train.run_dir, "metrics.jsonl"))]
     ce = [r["ce"] for r in records if r["kind"] == "train"]
     assert first[0]["ce"] < ce[0] - 1.0 and first[0]["ce"] == pytest.approx(ce[-1], abs=0.5)
 
     config = small_config(tmp_path / "b", micro_steps=2)
     config.train.ramp_start, config.train.ramp_tokens, config.train.ramp_stages = 3, 384, 1
-    message = one_line_error(run, config, match="the batch of 3 sequences from step 1 ")
+    message = one_line_error(run, typed(config), match="the batch of 3 sequences from step 1 ")
     assert "train.micro_steps=2" in message

@@ -1,6 +1,7 @@
 """Training: schedules, the masked loss, gradient accumulation, document isolation, the loop
 end to end (metrics, eval, plot, load_params), the NaN stop, and config checking."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_helpers import random_batch, small_config
+from train_helpers import random_batch, small_config, typed
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint.orbax import load_params
@@ -21,22 +22,21 @@ from deepseek_jax.train import losses
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
 from deepseek_jax.train.context import train_mesh
-from deepseek_jax.train.defaults import base_config
 from deepseek_jax.train.loop import NonFiniteLossError, run
 from deepseek_jax.train.plot import plot_run
+from deepseek_jax.train.settings import MeshSettings, OptimizerSettings
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_step_schedule_warms_up_then_drops_at_60_and_90_percent():
-    oc = base_config("tiny").optimizer
-    oc.learning_rate, oc.warmup_steps = 1.0, 10
+    oc = OptimizerSettings(learning_rate=1.0, warmup_steps=10)
     lr = opt.schedule(oc, 100)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
     assert float(lr(59)) == pytest.approx(1.0)
     assert float(lr(61)) == pytest.approx(0.316)
     assert float(lr(95)) == pytest.approx(0.316**2)
-    oc.schedule = "cosine"
+    oc = dataclasses.replace(oc, schedule="cosine")
     assert float(opt.schedule(oc, 100)(100)) == pytest.approx(oc.final_fraction)
 
 
@@ -54,11 +54,9 @@ def test_masked_targets_do_not_count():
 
 
 def test_mesh_must_cover_every_device():
-    mesh_cfg = base_config("tiny").mesh
-    assert train_mesh(mesh_cfg).size == jax.device_count()
-    mesh_cfg.data, mesh_cfg.expert = 1, 2
+    assert train_mesh(MeshSettings()).size == jax.device_count()
     with pytest.raises(ValueError, match="data x fsdp x expert x tensor = 1"):
-        train_mesh(mesh_cfg)
+        train_mesh(MeshSettings(data=1, expert=2))
 
 
 def test_gradient_accumulation_matches_the_full_batch():
@@ -96,7 +94,7 @@ def test_packed_documents_do_not_see_each_other():
 def test_training_run_end_to_end(tmp_path):
     config = small_config(tmp_path, steps=30, eval_every=15)
     config.model.num_hidden_layers = 2
-    result = run(config)
+    result = run(typed(config))
     records = [json.loads(x) for x in open(os.path.join(config.train.run_dir, "metrics.jsonl"))]
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -125,7 +123,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small_config(tmp_path, steps=6, save_every=1, eval_every=100)
     config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e30, 0
     with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 1") as stop:
-        run(config)
+        run(typed(config))
     assert "\n" not in str(stop.value) and "learning_rate" in str(stop.value)
     assert sorted(os.listdir(os.path.join(config.train.run_dir, "checkpoints"))) == ["1"]
     _, params = load_params(config.train.run_dir)

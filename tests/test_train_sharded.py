@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 from eight_devices import run_cases
-from train_helpers import CACHE, cli_flags, small_config, write_additions
+from train_helpers import CACHE, cli_flags, small_config, typed, write_additions
 
 from deepseek_jax.rl import sft
 from deepseek_jax.train.metrics import read
@@ -128,7 +128,7 @@ def test_two_processes_grpo_like_one(tmp_path):
         dict(steps=2, batch_size=4, save_every=2, eval_every=2, async_checkpoint=False)
     )
     config.train.update(dict(run_dir=str(tmp_path / "sft"), compilation_cache=CACHE))
-    sft.run(config)
+    sft.run(typed(config))
 
     configs = {}
     for name in ("one process", "two processes"):

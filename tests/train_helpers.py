@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
+from deepseek_jax.configs import base_config, from_config_dict
 from deepseek_jax.data import packing
 from deepseek_jax.data.sources import stdlib_files
-from deepseek_jax.train.defaults import base_config
 
 CACHE = os.environ.get(
     "DEEPSEEK_JAX_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
@@ -58,6 +58,11 @@ def small_config(tmp_path, **train):
     for key, value in train.items():
         config.train[key] = value
     return config
+
+
+def typed(config):
+    """The ConfigDict as the library takes it: what the commands do at their edge."""
+    return from_config_dict(config)
 
 
 def cli_flags(config, model_keys=("num_hidden_layers",)) -> list[str]:

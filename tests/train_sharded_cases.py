@@ -15,7 +15,7 @@ from deepseek_jax.rl import rollout as rollouts
 from deepseek_jax.rl.objective import group_advantages, make_reference_fn, make_update_step
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings
 
 if jax.device_count() != 8:
     pytest.skip("needs 8 devices: run through tests/test_train_sharded.py", allow_module_level=True)
@@ -36,8 +36,7 @@ class Run:
     """A train step compiled for one mesh, and the state it has reached."""
 
     def __init__(self, mesh):
-        oc = base_config("tiny").optimizer
-        oc.warmup_steps = 0
+        oc = OptimizerSettings(warmup_steps=0)
         optimizer = opt.make_optimizer(oc, 10)
         self.mesh = mesh
         self.state, self.shardings = steps.init_sharded_state(CFG, optimizer, 0, mesh)

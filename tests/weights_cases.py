@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import transformers
 from hf_models import build_hf, hf_logits, save_chat_tokenizer
-from train_helpers import CACHE, write_additions
+from train_helpers import CACHE, typed, write_additions
 
 import deepseek_jax as dj
 from deepseek_jax.checkpoint import orbax as ckpt
 from deepseek_jax.checkpoint.convert import main as convert_main
+from deepseek_jax.configs import base_config
 from deepseek_jax.errors import UserError
 from deepseek_jax.rl import sft
-from deepseek_jax.train.defaults import base_config
 
 if jax.device_count() != 8:
     pytest.skip(
@@ -123,7 +123,7 @@ def test_two_sft_steps_from_the_checkpoint(lite, tmp_path):
     config.train.run_dir = str(tmp_path / "run")
     config.train.compilation_cache = CACHE
     config.train.init_from = str(directory)
-    result = sft.run(config)
+    result = sft.run(typed(config))
     assert np.isfinite(result["eval_loss"])
     _, trained = ckpt.load_params(config.train.run_dir)
     distance = jax.tree.map(

@@ -1,8 +1,8 @@
 """One line about every field of the experiment configs, for `--print_config`.
 
-Keys are dotted paths of the ConfigDict that `deepseek_jax.train.defaults.base_config` builds
-(and the `grpo` section of configs/grpo.py); `model.*` are ModelConfig's fields (config.py,
-DESIGN letters in brackets). tests/test_cli.py fails when a shipped config has a field this
+Keys are dotted paths of the ConfigDict that `deepseek_jax.configs.base_config` builds from
+the typed settings of `deepseek_jax/train/settings.py` (and the `grpo` section of
+configs/grpo.py); `model.*` are ModelConfig's fields (config.py, DESIGN letters in brackets). tests/test_cli.py fails when a shipped config has a field this
 table does not describe, so a new field arrives with its line.
 """
 
@@ -101,7 +101,7 @@ FIELDS = {
     # grpo (configs/grpo.py, deepseek_jax/rl/grpo.py)
     "grpo.init_from": "the run whose params start the policy and the reference",
     "grpo.init_step": "its checkpoint to start from; -1: the latest",
-    "grpo.reward": "a reward function registered by name (deepseek_jax.rl.grpo.REWARDS)",
+    "grpo.reward": "a reward function registered by name (deepseek_jax.rl.rewards.REWARDS)",
     "grpo.prompts_per_step": "prompts per rollout batch [P]",
     "grpo.group_size": "samples per prompt [G]",
     "grpo.max_new_tokens": "longest sampled answer",

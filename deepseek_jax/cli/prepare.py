@@ -9,6 +9,7 @@ once into ArrayRecord files, for training at any size (deepseek_jax/data/prepare
 
 from __future__ import annotations
 
+from deepseek_jax import configs
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.errors import report_errors
@@ -25,9 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         cli_args.print_config(config)
         return
+    data = configs.from_config_dict(config).data
     from deepseek_jax.data.prepare import prepare  # noqa: PLC0415  (after the checks: slow)
 
-    meta = prepare(config.data, args.out)
+    meta = prepare(data, args.out)
     print(f"wrote {meta['rows']} rows of {meta['seq_len'] + 1} tokens to {args.out}")
 
 

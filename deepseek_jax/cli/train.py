@@ -21,12 +21,12 @@ every host with --distributed (TPU pod slices, SLURM, Open MPI: JAX finds the re
 
 from __future__ import annotations
 
+from deepseek_jax import configs
 from deepseek_jax.cli import args as cli_args
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.errors import UserError, report_errors
 
 PROG = "deepseek-jax-train"
-MODES = ("pretrain", "sft", "grpo")
 
 
 def parser() -> Parser:
@@ -41,18 +41,6 @@ def parser() -> Parser:
     p.add_argument("--num_processes", type=int, help="processes in the job (implies --distributed)")
     p.add_argument("--process_id", type=int, help="this process's index, 0 .. N - 1 (implies it)")
     return p
-
-
-def check(config) -> None:
-    """Refuses what would fail later, before anything is compiled or read."""
-    from deepseek_jax.config import ModelConfig  # noqa: PLC0415
-
-    if config.mode not in MODES:
-        raise UserError(f"--config.mode={config.mode!r}: choose one of {MODES}")
-    try:
-        ModelConfig.from_dict(config.model.to_dict())
-    except (TypeError, ValueError) as e:
-        raise UserError(f"--config.model: {e}") from None
 
 
 def distributed(args) -> bool:
@@ -72,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         cli_args.print_config(config)
         return
-    check(config)
+    run = configs.from_config_dict(config)  # typed and checked before anything is compiled or read
     multi = distributed(args)
     # orbax and the loops load in seconds: after the checks, so a mistake answers sooner.
     from absl import logging  # noqa: PLC0415
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if multi:
         start_processes(args.coordinator_address, args.num_processes, args.process_id)
     runs = {"pretrain": loop.run, "sft": sft.run, "grpo": grpo.run}
-    runs[config.mode](config)
+    runs[run.mode](run)
 
 
 if __name__ == "__main__":

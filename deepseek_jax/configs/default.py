@@ -10,24 +10,16 @@ against 3.12 bits/byte at step 200 of the earlier default, measured); the rate i
 decays by the paper's steps because the run is short.
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
     config = base_config("tiny")
-    config.model.intermediate_size = 512
-    config.model.moe_intermediate_size = 128
-    config.model.initializer_range = 0.02
+    config.model.update(intermediate_size=512, moe_intermediate_size=128, initializer_range=0.02)
     config.model.scan_unroll = 4  # all four layers unrolled: no per-layer weight slicing
-    config.data.seq_len = 128
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 60
-    config.train.steps = 800
-    config.train.batch_size = 16
-    config.train.log_every = 10
-    config.train.eval_every = 200
+    config.data.seq_len = 128  # in batches of 16 rows (train.batch_size's default)
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=60)
+    config.train.update(steps=800, eval_every=200, save_every=200, run_dir="runs/default")
     config.train.eval_batches = 16  # part of the held-out 1%; the last eval reads it all
-    config.train.save_every = 200
-    config.train.run_dir = "runs/default"
     config.train.compilation_cache = "~/.cache/deepseek_jax/xla"
     return config

@@ -5,7 +5,7 @@ The default data is the addition task of `bench/addition_demo.py` (which writes 
     deepseek-jax-train --config sft --config.data.path=runs/addition/train.jsonl
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
@@ -16,18 +16,9 @@ def get_config():
     # sooner. With it and the rate below, addition is learned from step ~200 on (two seeds
     # measured); at 3e-3 it was still unlearned at step 400 (and at 2,000 with init 0.006).
     config.model.initializer_range = 0.02
-    config.data.source = "chat"
-    config.data.path = "runs/addition/train.jsonl"
-    config.data.text_field = "messages"
-    config.data.seq_len = 128
-    config.data.holdout_fraction = 0.02
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 30
-    config.optimizer.weight_decay = 0.0
-    config.train.steps = 400
-    config.train.batch_size = 16
-    config.train.log_every = 20
-    config.train.eval_every = 100
-    config.train.save_every = 100
+    config.data.update(source="chat", path="runs/addition/train.jsonl", text_field="messages")
+    config.data.update(seq_len=128, holdout_fraction=0.02)
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=30, weight_decay=0.0)
+    config.train.update(steps=400, log_every=20, eval_every=100, save_every=100)
     config.train.run_dir = "runs/sft"
     return config

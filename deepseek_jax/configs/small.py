@@ -6,16 +6,12 @@
         --config.data.path=DIR
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
     config = base_config("small")
     config.data.seq_len = 1024
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 500
-    config.train.steps = 20000
-    config.train.batch_size = 64
-    config.train.micro_steps = 4
-    config.train.run_dir = "runs/small"
+    config.optimizer.update(learning_rate=1e-3, warmup_steps=500)
+    config.train.update(steps=20000, batch_size=64, micro_steps=4, run_dir="runs/small")
     return config

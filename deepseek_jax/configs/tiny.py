@@ -4,15 +4,11 @@ test and the base of the tests' configs.
     deepseek-jax-train --config tiny --config.train.steps=200
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
     config = base_config("tiny")
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 100
-    config.train.steps = 1000
-    config.train.eval_every = 250
-    config.train.save_every = 250
-    config.train.run_dir = "runs/tiny"
+    config.optimizer.update(learning_rate=2e-3, warmup_steps=100)
+    config.train.update(steps=1000, eval_every=250, save_every=250, run_dir="runs/tiny")
     return config

@@ -10,28 +10,20 @@ sequences never dropped; plain RoPE (YaRN comes after pretraining: configs/v2_lo
     python -m deepseek_jax.train.schedule --config v2      # the plan, step by step
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
     config = base_config("v2")  # the preset carries init std 0.006 and alpha1-3 of the paper
-    config.model.dtype = "bfloat16"
-    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     config.model.rope_scaling = None  # paper 3.2.2: YaRN only in the long-context stage
     config.model.max_position_embeddings = 4096
-    config.model.capacity_factor = 1.0  # paper 2.2.4
-    config.model.no_drop_fraction = 0.1
+    config.model.capacity_factor = 1.0  # paper 2.2.4; 10% never dropped: the default
     config.mesh.expert = 8  # one routing group per device: M = 3 of the 8 bounds the all-to-all
     config.data.seq_len = 4096
-    config.optimizer.learning_rate = 2.4e-4
-    config.optimizer.warmup_steps = 2000
-    config.optimizer.decay_at = (0.6, 0.9)
-    config.train.steps = 0  # the length is given in tokens
-    config.train.tokens = 8_100_000_000_000
-    config.train.batch_size = 9216
-    config.train.ramp_start = 2304
-    config.train.ramp_tokens = 225_000_000_000
-    config.train.ramp_stages = 3
+    # AdamW, clip, warmup and the rate's steps are paper 3.2.1's: the defaults (train/settings.py).
+    config.train.update(steps=0, tokens=8_100_000_000_000, batch_size=9216)  # length in tokens
+    config.train.update(ramp_start=2304, ramp_tokens=225_000_000_000, ramp_stages=3)
     # 9 micro-batches: every ramp size / 9 (256, 512, 768, 1024) splits over any power of two
     # of token-splitting devices up to 256.
     config.train.micro_steps = 9

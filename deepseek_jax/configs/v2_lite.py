@@ -8,26 +8,19 @@ are a constant 1 with zero gradient, so their weights are 0. Plain RoPE at 4K (Y
 the long-context stage). bf16 compute; needs accelerators.
 """
 
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.configs import base_config
 
 
 def get_config():
-    config = base_config("v2_lite")
-    config.model.dtype = "bfloat16"
-    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
-    config.model.rope_scaling = None
+    config = base_config("v2_lite")  # the preset carries alpha1 = 0.001
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    config.model.rope_scaling = None  # YaRN comes with the long-context stage
     config.model.max_position_embeddings = 4096
-    config.model.aux_loss_alpha1 = 0.001
-    config.model.aux_loss_alpha2 = 0.0
-    config.model.aux_loss_alpha3 = 0.0
+    config.model.update(aux_loss_alpha2=0.0, aux_loss_alpha3=0.0)  # one routing group
     config.mesh.expert = 1  # every expert of a layer on one device (Appendix B)
     config.data.seq_len = 4096
-    config.optimizer.learning_rate = 4.2e-4
-    config.optimizer.warmup_steps = 2000
-    config.optimizer.decay_at = (0.8, 0.9)
-    config.train.steps = 0
-    config.train.tokens = 5_700_000_000_000
-    config.train.batch_size = 4608
+    config.optimizer.update(learning_rate=4.2e-4, decay_at=(0.8, 0.9))  # warmup: the default
+    config.train.update(steps=0, tokens=5_700_000_000_000, batch_size=4608)
     config.train.micro_steps = 9  # 512 sequences per micro-batch
     config.train.run_dir = "runs/v2_lite"
     return config

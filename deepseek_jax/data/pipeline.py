@@ -31,6 +31,18 @@ from deepseek_jax.errors import UserError
 META = "meta.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Where a run's text comes from and how it is cut (a run config's `data` section)."""
+
+    source: str = "stdlib"  # stdlib | text | jsonl | parquet | arrayrecord | chat
+    path: str = ""  # file, folder or glob (arrayrecord: the `prepare` output folder)
+    text_field: str = "text"  # jsonl / parquet; chat: the messages field
+    tokenizer: str = "byte"  # "byte" or a folder holding tokenizer.json
+    seq_len: int = 256
+    holdout_fraction: float = 0.01  # the last 1% of the token stream is held out
+
+
 def make_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     """ "byte", or a directory holding an HF `tokenizer.json`."""
     if name == "byte":
@@ -48,7 +60,9 @@ def tokenize(tokenizer, texts, dtype: np.dtype) -> list[np.ndarray]:
     return [np.asarray(tokenizer.encode(t), dtype) for t in texts]
 
 
-def packed_rows(data_cfg, tokenizer, seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def packed_rows(
+    data_cfg: DataSettings, tokenizer, seq_len: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"train", "eval"} -> (tokens [R, T + 1], segments [R, T + 1]) from a text source."""
     texts = sources.documents(data_cfg.source, data_cfg.path, data_cfg.text_field)
     docs = tokenize(tokenizer, texts, packing.token_dtype(tokenizer.vocab_size))
@@ -92,7 +106,7 @@ def decode_row(record: bytes) -> tuple[np.ndarray, np.ndarray]:
     return both[: len(both) // 2], both[len(both) // 2 :]
 
 
-def row_datasets(data_cfg, seq_len: int) -> tuple[dict[str, grain.MapDataset], str]:
+def row_datasets(data_cfg: DataSettings, seq_len: int) -> tuple[dict[str, grain.MapDataset], str]:
     """{"train", "eval"} -> a MapDataset of (tokens, segments) rows, and the tokenizer name."""
     if data_cfg.source == "arrayrecord":
         meta = read_meta(data_cfg.path)
@@ -123,13 +137,14 @@ def row_datasets(data_cfg, seq_len: int) -> tuple[dict[str, grain.MapDataset], s
 
 def read_meta(directory: str) -> dict:
     path = os.path.join(directory, META)
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} not found: write the ArrayRecord data with "
             "`deepseek-jax-prepare --config CONFIG --out DIR` first"
-        )
-    with open(path) as f:
-        return json.load(f)
+        ) from None
 
 
 def to_examples(rows: grain.MapDataset) -> grain.MapDataset:

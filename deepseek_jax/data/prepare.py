@@ -22,7 +22,7 @@ from deepseek_jax.data import pipeline
 from deepseek_jax.errors import UserError
 
 
-def prepare(data_cfg, out: str) -> dict:
+def prepare(data_cfg: pipeline.DataSettings, out: str) -> dict:
     """Writes the rows of both splits under `out`; returns the metadata it saved."""
     if data_cfg.source == "arrayrecord":
         raise UserError("data.source='arrayrecord' is already prepared: give a text source")

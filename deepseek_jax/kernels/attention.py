@@ -36,6 +36,13 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
 
 
+# splash.BlockSizes' fields: query, key/value and compute tiles of the forward, dkv and dq passes.
+SPLASH_BLOCKS = (
+    "block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+    "block_kv_dkv_compute", "block_q_dq", "block_kv_dq",
+)  # fmt: skip
+
+
 def sequence_block(t: int) -> int | None:
     """The largest of 512, 256, 128 that divides t (None: no TPU block fits)."""
     return next((b for b in (512, 256, LANES) if t % b == 0), None)
@@ -50,16 +57,8 @@ def splash_attention(q_BTHK, k_BTHK, v_BTHV, segments_BT, *, scale: float, inter
     b, t, h, k = q_BTHK.shape
     padded = -(-k // LANES) * LANES
     block = sequence_block(t)
-    sizes = splash.BlockSizes(
-        block_q=block,
-        block_kv=block,
-        block_kv_compute=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_kv_dkv_compute=block,
-        block_q_dq=block,
-        block_kv_dq=block,
-    )
+    # One block size for every tile of the forward and both backward passes.
+    sizes = splash.BlockSizes(**dict.fromkeys(SPLASH_BLOCKS, block))
     kernel = splash.make_splash_mha(
         masks.MultiHeadMask([masks.CausalMask((t, t))] * h),
         block_sizes=sizes,

@@ -265,11 +265,11 @@ def blockwise_attention(
     k_BSGK,
     v_BSGV,
     *,
+    block_q: int,
+    block_k: int,
     scale: float,
     q_positions_BT,
     segment_ids_BT=None,
-    block_q: int,
-    block_k: int,
 ) -> jnp.ndarray:
     """Online-softmax attention in [block_q x block_k] tiles; equal to `reference_attention`.
 

@@ -13,14 +13,12 @@ pretraining's (`train.context.RunContext`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -35,28 +33,9 @@ from deepseek_jax.rl.objective import group_advantages, make_reference_fn, make_
 from deepseek_jax.rl.rewards import RewardFn, reward_fn
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.context import RunContext, RunSettings
+from deepseek_jax.train.context import RunContext
+from deepseek_jax.train.settings import GRPOSettings, RunConfig
 from deepseek_jax.train.state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOSettings:
-    """config.grpo, typed (configs/grpo.py says what each field does)."""
-
-    init_from: str = ""  # the run whose params start the policy and the reference
-    init_step: int = -1  # its checkpoint to start from; -1: the latest
-    reward: str = "reversed_sum"  # a name in deepseek_jax.rl.rewards.REWARDS
-    prompts_per_step: int = 16  # P
-    group_size: int = 8  # G
-    max_new_tokens: int = 6  # N
-    temperature: float = 1.0
-    updates: int = 2  # optimizer steps per batch of samples (DeepSeekMath's mu)
-    clip_eps: float = 0.2
-    kl_coef: float = 0.04
-
-    @classmethod
-    def from_fields(cls, fields: Mapping) -> GRPOSettings:
-        return cls(**dict(fields))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +123,7 @@ def check_sizes(settings: GRPOSettings, prompts: int, path: str, mesh: Mesh) -> 
             f"{prompts} prompts: lower it or add prompts"
         )
     samples = settings.prompts_per_step * settings.group_size
-    splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
+    splits = rules.token_devices(mesh)
     if samples % splits:
         raise UserError(
             f"grpo.prompts_per_step x grpo.group_size = {samples} samples do not split over "
@@ -153,16 +132,20 @@ def check_sizes(settings: GRPOSettings, prompts: int, path: str, mesh: Mesh) -> 
         )
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: RunConfig) -> dict:
     """GRPO as `config` says (configs/grpo.py); returns the last step's metrics."""
-    with RunContext(RunSettings.from_fields(config.train), config.mesh) as context:
-        return grpo_loop(config, GRPOSettings.from_fields(config.grpo), context)
+    if config.grpo is None:
+        raise UserError(
+            "config.grpo is missing: GRPO needs its settings (start from configs/grpo.py, or "
+            "give RunConfig(grpo=GRPOSettings(...)))"
+        )
+    with RunContext(config.train, config.mesh) as context:
+        return grpo_loop(config, context)
 
 
-def grpo_loop(config: ml_collections.ConfigDict, settings: GRPOSettings, context: RunContext):
-    train, mesh = config.train, context.mesh
+def grpo_loop(config: RunConfig, context: RunContext):
+    train, settings, mesh, cfg = config.train, config.grpo, context.mesh, config.model
     tokenizer = make_tokenizer(config.data.tokenizer)
-    cfg = ModelConfig.from_dict(config.model.to_dict())
     prompts, texts = rollouts.read_prompts(config.data.path, config.data.text_field, tokenizer)
     reward = reward_fn(settings.reward)
     check_sizes(settings, len(prompts), config.data.path, mesh)
@@ -185,15 +168,15 @@ def grpo_loop(config: ml_collections.ConfigDict, settings: GRPOSettings, context
         cfg=cfg,
         settings=settings,
         mesh=mesh,
-        tokenizer=tokenizer,
-        reward=reward,
-        prompts=prompts,
-        texts=texts,
         reference=reference,
         reference_logp=make_reference_fn(cfg, mesh, shardings.params, settings.max_new_tokens),
         update=make_update_step(
             cfg, optimizer, mesh, shardings, settings.clip_eps, settings.kl_coef
         ),
+        tokenizer=tokenizer,
+        reward=reward,
+        prompts=prompts,
+        texts=texts,
     )
     metrics: dict = {}
     first = int(state.step) // settings.updates + 1

@@ -11,15 +11,15 @@ attention never crosses from one conversation into another.
 
 from __future__ import annotations
 
-import ml_collections
-
+from deepseek_jax.errors import UserError
 from deepseek_jax.train import loop
+from deepseek_jax.train.settings import RunConfig
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: RunConfig) -> dict:
     """SFT as `config` says (deepseek_jax/configs/sft.py); returns the last eval record."""
     if config.data.source != "chat":
-        raise ValueError(
+        raise UserError(
             f"config.mode='sft' reads chat data, but data.source={config.data.source!r}: "
             "set --config.data.source=chat and data.path to a JSONL of {'messages': [...]}"
         )

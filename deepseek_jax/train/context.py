@@ -2,9 +2,8 @@
 the mesh, the run directory's info files, checkpoints with resume, the metrics log, and a
 shutdown that neither hangs nor hides the error that ended the run.
 
-    settings = RunSettings(run_dir="runs/x", keep=3)
-    with RunContext(settings, {"data": 0, "expert": 2}) as run:     # mesh: run.mesh
-        state = run.start(cfg, tokenizer, config_dict, state, data_iterator)  # resumed or not
+    with RunContext(config.train, config.mesh) as run:     # a RunConfig's; mesh: run.mesh
+        state = run.start(cfg, tokenizer, config.to_dict(), state, data_iterator)  # resumed or not
         for step in ...:
             ...
             run.check()                      # a failed background save stops the run here
@@ -14,10 +13,8 @@ shutdown that neither hangs nor hides the error that ended the run.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from collections.abc import Mapping
 
 import jax
 from jax.sharding import Mesh
@@ -29,29 +26,12 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.errors import UserError
 from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh
 from deepseek_jax.train.metrics import MetricsLog, Silent
+from deepseek_jax.train.settings import MeshSettings, TrainSettings
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """Where a run keeps its files and how it saves them (config.train's fields of that name)."""
-
-    run_dir: str
-    keep: int = 3  # checkpoints kept
-    async_checkpoint: bool = True
-    save_timeout_s: float = 1800.0  # longest wait on one checkpoint call before giving up
-    compilation_cache: str = ""  # a folder: compiled steps are reused across runs
-    init_from: str = ""  # a fresh run's weights: an HF dir, a hub id or a run dir[:step]
-
-    @classmethod
-    def from_fields(cls, fields: Mapping) -> RunSettings:
-        """From a mapping with (at least) these fields, e.g. config.train."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in fields.items() if k in names})
-
-
-def train_mesh(sizes: Mapping[str, int]) -> Mesh:
+def train_mesh(settings: MeshSettings) -> Mesh:
     """Mesh axis sizes -> a Mesh over every device of every process; data 0 takes what is left."""
-    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    sizes = {axis: int(getattr(settings, axis)) for axis in MESH_AXES}
     devices = jax.device_count()
     others = math.prod(size for axis, size in sizes.items() if axis != "data")
     if sizes["data"] == 0 and devices % others == 0:
@@ -68,13 +48,13 @@ def train_mesh(sizes: Mapping[str, int]) -> Mesh:
 class RunContext:
     """A run's mesh, checkpoints and metrics; a context manager that closes them."""
 
-    def __init__(self, settings: RunSettings, mesh_sizes: Mapping[str, int]):
-        self.settings = settings
+    def __init__(self, settings: TrainSettings, mesh: MeshSettings):
+        self.settings = settings  # run_dir, keep, async_checkpoint, save_timeout_s, ...
         if settings.compilation_cache:
             folder = os.path.abspath(os.path.expanduser(settings.compilation_cache))
             jax.config.update("jax_compilation_cache_dir", folder)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        self.mesh = train_mesh(mesh_sizes)
+        self.mesh = train_mesh(mesh)
         # One writer for the files every process would write alike (one filesystem is assumed,
         # as orbax assumes it for the checkpoints).
         self.primary = jax.process_index() == 0

@@ -1,6 +1,6 @@
 """The training loop: data, state, steps, eval, metrics, checkpoints, resume.
 
-    summary = run(config)      # config: the ml-collections dict of deepseek_jax/configs/*.py
+    summary = run(config)      # config: a train.settings.RunConfig
 
 Resumes from the newest checkpoint in `train.run_dir` that restores completely
 (`train.context.RunContext`): params, optimizer state, step, RNG and the data iterator come
@@ -14,7 +14,6 @@ import math
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -25,7 +24,8 @@ from deepseek_jax.parallel import rules
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import schedule
 from deepseek_jax.train import step as steps
-from deepseek_jax.train.context import RunContext, RunSettings
+from deepseek_jax.train.context import RunContext
+from deepseek_jax.train.settings import RunConfig
 
 
 class NonFiniteLossError(UserError):
@@ -33,32 +33,15 @@ class NonFiniteLossError(UserError):
     checkpoint and the settings to change."""
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    cfg = ModelConfig.from_dict(config.model.to_dict())
+def model_config(config: RunConfig, vocab_size: int) -> ModelConfig:
+    """The run's model, once checked against the tokenizer's vocabulary."""
+    cfg = config.model
     if cfg.vocab_size < vocab_size:
         raise UserError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
             f"set --config.model.vocab_size={vocab_size}"
         )
     return cfg
-
-
-def check_batch(train_cfg, mesh) -> int:
-    """The per-process batch size, after checking that the batch splits evenly."""
-    processes = jax.process_count()
-    splits = math.prod(mesh.shape[axis] for axis in rules.token_axes())
-    if train_cfg.batch_size % (processes * train_cfg.micro_steps):
-        raise UserError(
-            f"train.batch_size={train_cfg.batch_size} must be divisible by processes "
-            f"({processes}) x train.micro_steps ({train_cfg.micro_steps})"
-        )
-    if train_cfg.batch_size // train_cfg.micro_steps % splits:
-        raise UserError(
-            f"a micro-batch of train.batch_size / train.micro_steps = "
-            f"{train_cfg.batch_size} / {train_cfg.micro_steps} sequences does not split over "
-            f"the {splits} devices of mesh axes {rules.token_axes()}: make it a multiple of {splits}"
-        )
-    return train_cfg.batch_size // processes
 
 
 def unigram_nats(train_rows, eval_ds, vocab_size: int, sample: int = 4096) -> float:
@@ -92,17 +75,17 @@ def eval_record(loss: float, tokenizer: str) -> dict:
     return record
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: RunConfig) -> dict:
     """Trains as `config` says; returns the last eval record (and the unigram baseline)."""
     config, plan = schedule.resolve(config)  # train.steps from train.tokens; the batch ramp
-    with RunContext(RunSettings.from_fields(config.train), config.mesh) as context:
+    with RunContext(config.train, config.mesh) as context:
         return train_loop(config, plan, context)
 
 
-def train_loop(config: ml_collections.ConfigDict, plan: schedule.Plan, context: RunContext):
+def train_loop(config: RunConfig, plan: schedule.Plan, context: RunContext):
     train, mesh = config.train, context.mesh
     schedule.check_batches(plan, train.micro_steps, rules.token_devices(mesh), jax.process_count())
-    local_batch = check_batch(train, mesh)
+    local_batch = train.batch_size // jax.process_count()  # whole: checked just above
     seq_len = config.data.seq_len
     rows, tokenizer = pipeline.row_datasets(config.data, seq_len)
     shard, shards = jax.process_index(), jax.process_count()

@@ -9,6 +9,7 @@ import jax
 import optax
 
 from deepseek_jax.train import schedule as sched
+from deepseek_jax.train.settings import OptimizerSettings
 
 # Leaf names that are not decayed: RMSNorm scales set each feature's scale, and decaying them
 # pulls the normalised activations towards zero (paper 3.2.1 decays the weights; as in
@@ -26,12 +27,14 @@ def decay_mask(params):
     )
 
 
-def schedule(opt_cfg, run: int | sched.Plan) -> optax.Schedule:
+def schedule(opt_cfg: OptimizerSettings, run: int | sched.Plan) -> optax.Schedule:
     """The learning rate by optimizer step, for `run` (a Plan, or a step count at a fixed batch)."""
     return sched.learning_rate(opt_cfg, run)
 
 
-def make_optimizer(opt_cfg, run: int | sched.Plan) -> optax.GradientTransformation:
+def make_optimizer(
+    opt_cfg: OptimizerSettings, run: int | sched.Plan
+) -> optax.GradientTransformation:
     """Clip the global gradient norm, then AdamW on the schedule of `run` (see `schedule`)."""
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.clip_norm),

@@ -6,7 +6,7 @@ after about 90% of the training TOKENS. With a ramping batch, steps and tokens a
 proportional, so every point of the schedule is placed by tokens and turned into a step here,
 once, on the host.
 
-    config, plan = resolve(config)    # train.steps filled in (from train.tokens if given)
+    config, plan = resolve(config)    # a RunConfig; train.steps filled in (from train.tokens)
     plan.batches.at(step)             # sequences in step `step` (steps count from 1)
     lr = learning_rate(config.optimizer, plan)   # an optax schedule of the update count
 
@@ -23,11 +23,11 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from deepseek_jax.data.pipeline import BatchSizes
 from deepseek_jax.errors import UserError, report_errors
+from deepseek_jax.train.settings import OptimizerSettings, RunConfig, TrainSettings
 
 SCHEDULES = ("step", "cosine")
 
@@ -74,7 +74,7 @@ class Plan:
         return total
 
 
-def ramp(train_cfg, seq_len: int) -> BatchSizes:
+def ramp(train_cfg: TrainSettings, seq_len: int) -> BatchSizes:
     """`train.ramp_*` -> the batch size of every step (one stage if the ramp is off)."""
     start, tokens, stages = train_cfg.ramp_start, train_cfg.ramp_tokens, train_cfg.ramp_stages
     final = train_cfg.batch_size
@@ -104,7 +104,7 @@ def ramp(train_cfg, seq_len: int) -> BatchSizes:
     return BatchSizes(tuple(sizes), tuple(starts))
 
 
-def make_plan(config: ml_collections.ConfigDict) -> Plan:
+def make_plan(config: RunConfig) -> Plan:
     """The plan of `config`, from its fields alone; every schedule field checked."""
     tc, seq_len = config.train, config.data.seq_len
     if (tc.tokens > 0) == (tc.steps > 0):
@@ -125,8 +125,8 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
     return plan
 
 
-def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Plan]:
-    """A copy of `config` with `train.steps` the run's step count, and its plan. Also checks
+def resolve(config: RunConfig) -> tuple[RunConfig, Plan]:
+    """`config` with `train.steps` the run's step count, and its plan. Also checks
     that a run which continues another (`train.continues`) names it in `train.init_from`."""
     plan = make_plan(config)
     if config.train.continues and not config.train.init_from:
@@ -134,9 +134,7 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
             f"train.init_from is empty, but this config continues {config.train.continues}: "
             "set --config.train.init_from=RUN_DIR (the run to start from)"
         )
-    resolved = config.copy_and_resolve_references()
-    resolved.train.steps = plan.steps
-    return resolved, plan
+    return config.replace(train=dataclasses.replace(config.train, steps=plan.steps)), plan
 
 
 def check_batches(plan: Plan, micro_steps: int, splits: int, processes: int) -> None:
@@ -153,7 +151,7 @@ def check_batches(plan: Plan, micro_steps: int, splits: int, processes: int) -> 
             )
 
 
-def decay_steps(opt_cfg, plan: Plan) -> tuple[int, ...]:
+def decay_steps(opt_cfg: OptimizerSettings, plan: Plan) -> tuple[int, ...]:
     """The update counts from which the rate is multiplied by decay_factor once more: the
     first step after `decay_at` fractions of the run's tokens are trained."""
     points = tuple(opt_cfg.decay_at)
@@ -165,7 +163,7 @@ def decay_steps(opt_cfg, plan: Plan) -> tuple[int, ...]:
     return tuple(plan.step_reaching(p * plan.tokens) for p in points)
 
 
-def learning_rate(opt_cfg, run: int | Plan) -> optax.Schedule:
+def learning_rate(opt_cfg: OptimizerSettings, run: int | Plan) -> optax.Schedule:
     """Linear warmup over `warmup_steps` updates, then the step decay at `decay_at` fractions
     of the tokens ("step", the paper's) or a cosine by tokens to `final_fraction` ("cosine").
 
@@ -207,7 +205,7 @@ def tokens_str(n: float) -> str:
     return f"{n:g}"
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
+def describe(config: RunConfig) -> str:
     """The run's plan as text: length, batch stages, rate changes, losses, routing, rope."""
     plan = make_plan(config)
     oc, m, tc = config.optimizer, config.model, config.train
@@ -269,7 +267,8 @@ def describe(config: ml_collections.ConfigDict) -> str:
 @report_errors("python -m deepseek_jax.train.schedule")
 def main(argv: list[str] | None = None) -> None:
     """`python -m deepseek_jax.train.schedule --config NAME_OR_FILE [--config.<field>=...]`."""
-    from deepseek_jax.cli import args as cli_args  # noqa: PLC0415  (the command line's edge)
+    from deepseek_jax import configs  # noqa: PLC0415  (the command line's edge)
+    from deepseek_jax.cli import args as cli_args  # noqa: PLC0415
     from deepseek_jax.cli.parser import Parser  # noqa: PLC0415
 
     parser = Parser("python -m deepseek_jax.train.schedule", __doc__)
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         cli_args.print_config(config)
         return
-    print(describe(config))
+    print(describe(configs.from_config_dict(config)))
 
 
 if __name__ == "__main__":
