@@ -7,7 +7,7 @@ import pytest
 
 import deepseek_jax as dj
 from deepseek_jax.parallel import plan
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings
 
 if jax.device_count() != 8:
     pytest.skip("needs 8 devices: run through tests/test_plan.py", allow_module_level=True)
@@ -51,7 +51,7 @@ def test_planned_train_memory_is_the_compiled_one(policy):
         batch=32,
         length=128,
         micro_steps=2,
-        optimizer=base_config("tiny").optimizer,
+        optimizer=OptimizerSettings(),
     )
     planned = plan.train_memory(run)
     compiled = plan.compiled_train_memory(run)

@@ -33,10 +33,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import configs
 from deepseek_jax.cli import args as config_args
 from deepseek_jax.cli.parser import Parser
 from deepseek_jax.config import COMPUTE_DTYPES, DTYPES, PRESETS, ModelConfig, preset, resolve_dtype
@@ -49,7 +49,7 @@ from deepseek_jax.parallel import expert, hlo, placement, rules
 from deepseek_jax.parallel.mesh import MESH_AXES, make_mesh, parse_mesh
 from deepseek_jax.train import optimizer as opt
 from deepseek_jax.train import step as train_step
-from deepseek_jax.train.defaults import base_config
+from deepseek_jax.train.settings import OptimizerSettings, RunConfig
 from deepseek_jax.train.state import init_state
 
 GiB = 2**30
@@ -76,7 +76,7 @@ class Run:
     batch: int
     length: int
     micro_steps: int
-    optimizer: ml_collections.ConfigDict
+    optimizer: OptimizerSettings
 
     def __post_init__(self):
         # A compute dtype of "auto" resolves for the mesh's devices; the command line resolves
@@ -321,14 +321,14 @@ def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: b
     }
 
 
-def run_from_config(config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> Run:
+def run_from_config(config: RunConfig, mesh_sizes: dict[str, int]) -> Run:
     """A Run from an experiment config (configs/*.py): its model, mesh, batch (the ramp's
     last size), sequence length, accumulation and optimizer. config.mesh.data = 0 (whatever
     the other axes leave) is 1 here, where no devices exist to fill: give --mesh."""
-    sizes = {axis: config.mesh[axis] for axis in MESH_AXES} | mesh_sizes
+    sizes = {axis: getattr(config.mesh, axis) for axis in MESH_AXES} | mesh_sizes
     sizes["data"] = sizes["data"] or 1
     return Run(
-        cfg=resolve_dtype(ModelConfig.from_dict(config.model.to_dict()), "tpu"),
+        cfg=resolve_dtype(config.model, "tpu"),
         mesh=fake_mesh(sizes),
         batch=config.train.batch_size,
         length=config.data.seq_len,
@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     mesh_sizes = parse_mesh(args.mesh) if args.mesh else {}
     if args.config:
         name = args.config
-        run = run_from_config(config_args.resolve(args.config, overrides), mesh_sizes)
+        config = configs.from_config_dict(config_args.resolve(args.config, overrides))
+        run = run_from_config(config, mesh_sizes)
     else:
         name = args.preset or "v2"
         mesh = fake_mesh(mesh_sizes or {"data": 1})
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             batch=10 * rules.token_devices(mesh),
             length=4096,
             micro_steps=1,
-            optimizer=base_config(name).optimizer,
+            optimizer=OptimizerSettings(),
         )
     capacity = run.cfg.capacity_factor
     if args.capacity_factor is not None:  # 0: dropless
