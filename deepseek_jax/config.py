@@ -392,30 +392,21 @@ class Row:
 
 
 A, X = "architecture", "execution"
+# Architecture fields that config.json names as we do, with the value transformers assumes when
+# the key is absent.
+HF_SAME_NAME = {
+    "vocab_size": 102400, "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "intermediate_size": 11008, "moe_intermediate_size": 1407, "n_routed_experts": 64,
+    "n_shared_experts": 2, "num_experts_per_tok": None, "topk_method": "greedy",
+    "n_group": None, "topk_group": None, "routed_scaling_factor": 1.0,
+    "norm_topk_prob": False, "first_k_dense_replace": 0, "rms_norm_eps": 1e-6,
+}  # fmt: skip
 # The one table: every ModelConfig field, in order. from_hf and to_hf read it; checkpoints
 # compare the "architecture" rows only (a run may change remat, dtypes, capacity ...).
 HF_FIELDS = (
-    Row("vocab_size", A, "vocab_size", 102400),
-    Row("hidden_size", A, "hidden_size", 4096),
-    Row("num_hidden_layers", A, "num_hidden_layers", 32),
-    Row("num_attention_heads", A, "num_attention_heads", 32),
-    Row("q_lora_rank", A, "q_lora_rank", 1536),
-    Row("kv_lora_rank", A, "kv_lora_rank", 512),
-    Row("qk_nope_head_dim", A, "qk_nope_head_dim", 128),
-    Row("qk_rope_head_dim", A, "qk_rope_head_dim", 64),
-    Row("v_head_dim", A, "v_head_dim", 128),
-    Row("intermediate_size", A, "intermediate_size", 11008),
-    Row("moe_intermediate_size", A, "moe_intermediate_size", 1407),
-    Row("n_routed_experts", A, "n_routed_experts", 64),
-    Row("n_shared_experts", A, "n_shared_experts", 2),
-    Row("num_experts_per_tok", A, "num_experts_per_tok", None),
-    Row("topk_method", A, "topk_method", "greedy"),
-    Row("n_group", A, "n_group", None),
-    Row("topk_group", A, "topk_group", None),
-    Row("routed_scaling_factor", A, "routed_scaling_factor", 1.0),
-    Row("norm_topk_prob", A, "norm_topk_prob", False),
-    Row("first_k_dense_replace", A, "first_k_dense_replace", 0),
-    Row("rms_norm_eps", A, "rms_norm_eps", 1e-6),
+    *(Row(name, A, name, default) for name, default in HF_SAME_NAME.items()),
     Row("rope_theta", A),  # with rope_scaling: two HF forms, see rope_from_hf
     Row("max_position_embeddings", A, "max_position_embeddings", 2048),
     Row("rope_scaling", A),
@@ -423,17 +414,23 @@ HF_FIELDS = (
     Row("bos_token_id", X, "bos_token_id", 1),
     Row("eos_token_id", X, "eos_token_id", 2),
     Row("aux_loss_alpha1", X, "aux_loss_alpha", 0.001),
-    Row("aux_loss_alpha2", X),
-    Row("aux_loss_alpha3", X),
-    Row("capacity_factor", X),
-    Row("no_drop_fraction", X),
+    # Execution fields without an HF counterpart.
+    *(
+        Row(n, X)
+        for n in ("aux_loss_alpha2", "aux_loss_alpha3", "capacity_factor", "no_drop_fraction")
+    ),
     Row("initializer_range", X, "initializer_range", 0.02),
-    Row("dtype", X),
-    Row("param_dtype", X),
-    Row("remat_policy", X),
-    Row("scan_unroll", X),
-    Row("attention_block_size", X),
-    Row("kernels", X),
+    *(
+        Row(n, X)
+        for n in (
+            "dtype",
+            "param_dtype",
+            "remat_policy",
+            "scan_unroll",
+            "attention_block_size",
+            "kernels",
+        )
+    ),
 )
 KINDS = {row.name: row.kind for row in HF_FIELDS}
 # HF fields of variants we do not implement, with the one value we do: any other is refused.
