@@ -84,7 +84,7 @@ def test_splash_attention_equals_plain_mla_values_and_grads():
 
 
 def test_megablox_gmm_equals_plain_moe_values_and_grads():
-    """Routed experts through MoE (B*T > the slotted path's tokens): gmm vs the tiled plain."""
+    """Routed experts through MoE (B*T > the per-expert decode path's tokens): gmm vs the tiled plain."""
     x = jnp.asarray(np.random.RandomState(2).randn(B, 64, CFG.hidden_size).astype(np.float32))
     params = jax.jit(MoE(CFG).init)(jax.random.key(3), x)["params"]
 

@@ -74,8 +74,8 @@ def test_group_limit_changes_routing(models):
     assert max(len(set(row)) for row in groups) <= cfg.topk_group
 
 
-# 2 x 40 tokens take the tiled grouped matmul, 2 x 4 the per-expert slots (decode sizes).
-@pytest.mark.parametrize("t", [40, 4])
+# 2 x 40 tokens take the tiled grouped matmul, 2 x 1 the per-expert loop (decode sizes).
+@pytest.mark.parametrize("t", [40, 1])
 def test_moe_layer_matches_hf(models, t):
     hf_model, cfg, moe_params = models
     x = tokens(cfg, n=2 * t, seed=1).reshape(2, t, -1)

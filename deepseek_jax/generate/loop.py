@@ -121,8 +121,9 @@ def cache_slots(cfg: ModelConfig, length: int) -> int:
 
 
 def place_cache(mesh: Mesh | None, cache: dict) -> dict:
+    """Places a cache, stacked ([L, B, S, C+R] per key) or per layer (lists of [B, S, C+R])."""
     logical = ("layers", "batch", "cache_length", "latent")
-    return jax.tree.map(lambda x: place(mesh, x, logical), cache)
+    return jax.tree.map(lambda x: place(mesh, x, logical[-x.ndim :]), cache)
 
 
 def decode_step(
@@ -137,14 +138,25 @@ def decode_step(
 
     The model itself with `scan_layers=False` on `layer_params = unstack_params(cfg, params)`
     (split once, before the loop): MLA's absorbed form over the latent cache [B, S, C + R] of
-    each layer. Tests hold every position's logits to the full forward's.
+    each layer. `cache` is stacked ({key: [L, B, S, C+R]}, as `prefill` makes it) or per
+    layer ({key: L arrays [B, S, C+R]}, `per_layer(cache)`: the loop's carry, where each
+    step writes one slot of each array in place instead of copying the whole cache); it
+    comes back in the form it came. Tests hold every position's logits to the full forward's.
     """
     cfg = resolve_dtype(cfg, mesh)
     model = DeepSeekV2(cfg, mesh=moe_mesh(mesh, len(tokens_B)), scan_layers=False)
     out = model.apply(
         {"params": layer_params}, tokens_B[:, None], positions_B[:, None], cache=cache
     )
-    return out.logits[:, 0], place_cache(mesh, out.cache)
+    new = out.cache
+    if not all(isinstance(layers, list) for layers in cache.values()):
+        new = {key: jnp.stack(layers) for key, layers in new.items()}
+    return out.logits[:, 0], place_cache(mesh, new)
+
+
+def per_layer(cache: dict) -> dict:
+    """{key: [L, B, S, C+R]} -> {key: L arrays [B, S, C+R]}: the decode loop's carry."""
+    return {key: list(stacked) for key, stacked in cache.items()}
 
 
 def stop_at_eos(tokens_B, done_B, eos: int | None):
@@ -220,7 +232,7 @@ def generate_padded(
         return i + 1, out_BN, logp_BN, next_B, done_B, cache
 
     steps, out_BN, logp_BN, *_ = jax.lax.while_loop(
-        running, step, (jnp.int32(1), out_BN, logp_BN, first_B, done_B, cache)
+        running, step, (jnp.int32(1), out_BN, logp_BN, first_B, done_B, per_layer(cache))
     )
     return (out_BN, logp_BN, steps) if with_logprobs else (out_BN, steps)
 

@@ -13,14 +13,16 @@ the one the CPU uses: `lax.ragged_dot` lowers to a dense masked dot on XLA:CPU (
 work, docs/design.md 7), and gathering each tile's expert weights (the previous implementation)
 copied [tiles, D, I] per matrix forward and scatter-added it back in the backward.
 
-Here the work is a loop over fixed-size row tiles, each owned by one expert: a tile reads its
-expert's matrix where it lies (`dynamic_index_in_dim`) and multiplies `tile` rows by it. The
-loop's trip count is a static bound (ceil(m / tile) + g: each expert adds at most one partial
-tile), so the compiled program states its worst cost; tiles past the ones the groups use are
-skipped at run time (`lax.cond`), so the work done is the assignments present plus at most
-one partial tile per expert. The backward is the same loop twice (a custom VJP, as megablox's
-gmm/tgmm): d lhs = grouped_matmul(d out, rhs^T), and d rhs[e] = lhs_e^T d out_e accumulated
-tile by tile into its expert's slot.
+Here the work is a loop over fixed-size row tiles, each owned by one expert, multiplying
+`tile` rows by its expert's matrix. A dot on XLA:CPU takes whole buffers, so `rhs[e]` is a
+copy: the first tile of each expert makes it and the expert's other tiles reuse it from the
+loop's carry (one copy per expert and call, not per tile). The loop's trip count is a static
+bound (ceil(m / tile) + g: each expert adds at most one partial tile), so the compiled
+program states its worst cost; tiles past the ones the groups use are skipped at run time
+(`lax.cond`), so the work done is the assignments present plus at most one partial tile per
+expert. The backward is the same loop twice (a custom VJP, as megablox's gmm/tgmm): d lhs =
+grouped_matmul(d out, rhs^T), and d rhs[e] = lhs_e^T d out_e accumulated tile by tile into
+its expert's slot.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def tile_rows(rows: int, groups: int) -> int:
 
 
 def _tile_table(group_sizes_g, tiles: int, tile: int):
-    """For each tile slot: (its group, first row, rows of its group from there, used?)."""
+    """For each tile slot: (its group, first row, rows of its group from there, used?, the
+    first tile of its group?)."""
     ends_g = jnp.cumsum(group_sizes_g)
     starts_g = ends_g - group_sizes_g
     count_g = (group_sizes_g + tile - 1) // tile
@@ -57,18 +60,20 @@ def _tile_table(group_sizes_g, tiles: int, tile: int):
     first = starts_g[group] + (slot - (tile_end_g - count_g)[group]) * tile
     first = jnp.where(used, first, 0)
     valid = jnp.where(used, ends_g[group] - first, 0)  # rows of this tile that are its group's
-    return group, first, valid, used
+    opens = used & (slot == (tile_end_g - count_g)[group])
+    return group, first, valid, used, opens
 
 
 def _tile_loop(group_sizes_g, m: int, tile: int, groups: int, out_init, tile_fn):
-    """Runs tile_fn(carry, group, first_row, row_mask [tile, 1]) over the used tiles."""
+    """Runs tile_fn(carry, group, first_row, row_mask [tile, 1], opens) over the used tiles,
+    in order (a group's tiles are consecutive; `opens` marks the first of them)."""
     tiles = -(-m // tile) + groups
-    group_t, first_t, valid_t, used_t = _tile_table(group_sizes_g, tiles, tile)
+    group_t, first_t, valid_t, used_t, opens_t = _tile_table(group_sizes_g, tiles, tile)
     rows = jnp.arange(tile)[:, None]
 
     def body(t, carry):
         def run(c):
-            return tile_fn(c, group_t[t], first_t[t], rows < valid_t[t])
+            return tile_fn(c, group_t[t], first_t[t], rows < valid_t[t], opens_t[t])
 
         return jax.lax.cond(used_t[t], run, lambda c: c, carry)
 
@@ -96,16 +101,25 @@ def _gmm(lhs_mk, rhs_gkn, group_sizes_g, tile: int, transpose_rhs: bool):
     lhs = _pad_rows(lhs_mk, tile)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
-    def tile_fn(out, group, first, mask):
+    def tile_fn(carry, group, first, mask, opens):
+        out, w_held = carry
+        # A dot on XLA:CPU takes whole buffers, so rhs[group] is a copy: the first tile of a
+        # group makes it and the group's other tiles reuse it (one copy per expert, not per
+        # tile).
+        w = jax.lax.cond(
+            opens,
+            lambda: jax.lax.dynamic_index_in_dim(rhs_gkn, group, keepdims=False),
+            lambda: w_held,
+        )
         x = jax.lax.dynamic_slice_in_dim(lhs, first, tile)
-        w = jax.lax.dynamic_index_in_dim(rhs_gkn, group, keepdims=False)
         y = jax.lax.dot_general(x, w, dims, preferred_element_type=out.dtype)
         old = jax.lax.dynamic_slice_in_dim(out, first, tile)
         # A tile's rows past its group belong to the next group's tiles: keep theirs.
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, y, old), first, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, y, old), first, 0), w
 
     out = _zeros((m + tile, width), lhs_mk.dtype, lhs_mk, rhs_gkn, group_sizes_g)
-    return _tile_loop(group_sizes_g, m, tile, groups, out, tile_fn)[:m]
+    w_held = _zeros(rhs_gkn.shape[1:], rhs_gkn.dtype, rhs_gkn, group_sizes_g)
+    return _tile_loop(group_sizes_g, m, tile, groups, (out, w_held), tile_fn)[0][:m]
 
 
 def _tgmm(lhs_mk, dout_mn, group_sizes_g, tile: int, groups: int):
@@ -113,7 +127,7 @@ def _tgmm(lhs_mk, dout_mn, group_sizes_g, tile: int, groups: int):
     m, k = lhs_mk.shape
     lhs, dout = _pad_rows(lhs_mk, tile), _pad_rows(dout_mn, tile)
 
-    def tile_fn(acc, group, first, mask):
+    def tile_fn(acc, group, first, mask, opens):
         x = jax.lax.dynamic_slice_in_dim(lhs, first, tile)
         dy = jnp.where(mask, jax.lax.dynamic_slice_in_dim(dout, first, tile), 0)
         dw = jnp.einsum("tk,tn->kn", x, dy)

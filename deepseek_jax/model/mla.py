@@ -135,16 +135,17 @@ class MLA(nn.Module):
 
             def plain(q_latent, q_r, cache, lengths_B):
                 # [q W_UK | q_R] . [c_KV | k_R] = q_C . k_C + q_R . k_R: (18)'s scores, read
-                # from the latents in blocks; the values are the c_KV part of the same latents.
+                # from the latents in blocks; the values are the c_KV part of the same latents,
+                # kept from the output: slicing the values would copy [B, S, C] every step.
                 latents_BS1L = cache[:, :, None].astype(x_BTD.dtype)  # one key head for all
                 return attend(
                     jnp.concatenate([q_latent, q_r], axis=-1),
                     latents_BS1L,
-                    latents_BS1L[..., :c],
+                    latents_BS1L,
                     scale=scale,
                     q_positions_BT=positions_BT,
                     block=block,
-                )
+                )[..., :c]
 
             if x_BTD.shape[1] == 1:  # one query per row (decode): row b sees slots 0..position
                 lengths = positions_BT[:, 0] + 1

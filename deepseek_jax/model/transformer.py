@@ -71,7 +71,9 @@ class Aux:
 class Output:
     logits: jnp.ndarray  # [B, T, V]
     aux: Aux
-    cache: dict  # decode: the updated cache; full forward: this call's latents [L, B, T, C+R]
+    # decode: the updated cache; full forward: this call's latents [L, B, T, C+R]; with
+    # scan_layers=False, a list of L [B, ., C+R] arrays per stack instead
+    cache: dict
 
 
 class Block(nn.Module):
@@ -207,7 +209,11 @@ class DeepSeekV2(nn.Module):
                     cache_l = None if cache is None else cache_L[l]
                     x, out = block(x, *args, cache_l, token_mask_BT)
                     per_layer.append(out)
-                new_cache[key], aux = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+                latents, auxes = zip(*per_layer, strict=True)
+                # One array a layer, not stacked: the decode loop carries them so, where a
+                # stack would copy the whole cache every step.
+                new_cache[key] = list(latents)
+                aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
             if moe:
                 moe_aux = aux
 
