@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, resolve_dtype
 from deepseek_jax.model.experts import swiglu
 
 
@@ -26,7 +26,8 @@ def weight(
         nn.initializers.normal(stddev=cfg.initializer_range), tuple(axes)
     )
     w = module.param(name, init, tuple(shape), jnp.dtype(cfg.param_dtype))
-    return w.astype(cfg.dtype)
+    # A layer used alone resolves dtype "auto" itself; inside the model it is already concrete.
+    return w.astype(resolve_dtype(cfg).dtype)
 
 
 class RMSNorm(nn.Module):
@@ -43,7 +44,8 @@ class RMSNorm(nn.Module):
         normed = x32 * jax.lax.rsqrt(
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps
         )
-        return scale.astype(self.cfg.dtype) * normed.astype(self.cfg.dtype)
+        dtype = resolve_dtype(self.cfg).dtype
+        return scale.astype(dtype) * normed.astype(dtype)
 
 
 class MLP(nn.Module):
