@@ -1,7 +1,7 @@
 r"""deepseek-jax-train (= python -m deepseek_jax.cli.train = python train.py): train DeepSeek-V2.
 
 With no flags, the default job: a small byte-level model on the Python standard library's own
-sources, about 7 minutes on a 2-core CPU.
+sources, about 9 minutes on a 2-core CPU.
 
     deepseek-jax-train                                     # config "default" -> runs/default
     deepseek-jax-train --config tiny --config.train.steps=200
