@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import deepseek_jax as dj
+from deepseek_jax import config
 from deepseek_jax.errors import UserError
+from deepseek_jax.model import transformer
 
 
 def forward(cfg, params, tokens, **kw):
@@ -114,3 +116,9 @@ def test_sequence_past_the_context_is_refused(tiny):
         "a sequence of 9 tokens is longer than max_position_embeddings=8: shorten it, or use a "
         "config with a longer context (rope_scaling / YaRN)"
     )
+
+
+def test_every_remat_policy_name_has_a_policy():
+    """config.py (data, no jax) validates the names; the model maps each to a jax policy ("none":
+    no remat at all). The two lists must name the same policies."""
+    assert set(config.REMAT_POLICIES) == {"none", *transformer.REMAT_POLICIES}
