@@ -123,10 +123,10 @@ def expanded_attention(
     a Pallas call is opaque to the sharding propagation, which would otherwise gather it.
     """
     args = (q_BTHK, k_BTHK, v_BTHV, segments_BT)
-    logical = (("batch", "length", "heads", None),) * 3 + (("batch", "length"),)
+    logical = (("batch", "length", "act_heads", None),) * 3 + (("batch", "length"),)
 
     def sharded(fn):
-        return per_shard(mesh, fn, args, logical, ("batch", "length", "heads", None))
+        return per_shard(mesh, fn, args, logical, ("batch", "length", "act_heads", None))
 
     def tpu_kernel(interpret: bool):
         reason = splash_fits(q_BTHK)

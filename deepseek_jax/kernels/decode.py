@@ -141,7 +141,7 @@ def latent_decode(
             # here costs R / L of the second product, and saves an unaligned slice in-kernel.
             return o_BHL[:, None, :, :c].astype(q_latent.dtype)
 
-        query = ("batch", None, "heads", None)
+        query = ("batch", None, "act_heads", None)
         logical = (query, query, ("batch", None, None), ("batch",))
         return per_shard(mesh, run, args, logical, query)
 
