@@ -500,6 +500,10 @@ def split_dims(sharding, count: int) -> tuple[bool, ...]:
     return tuple(bool(entries[d]) for d in range(count))
 
 
+# take_across sums a slice's bits as unsigned integers of the element's width.
+UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
 @functools.cache
 def take_across(mesh: Mesh, split: tuple[bool, ...]):
     """x[i, j, ...] replicated over `mesh`, moving only that slice between processes.
@@ -524,9 +528,6 @@ def take_across(mesh: Mesh, split: tuple[bool, ...]):
         return jax.lax.bitcast_convert_type(bits, x.dtype)
 
     return jax.jit(take_one, out_shardings=NamedSharding(mesh, P()))
-
-
-UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def cfg_summary(cfg: ModelConfig) -> str:

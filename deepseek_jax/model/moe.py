@@ -9,8 +9,8 @@ A = N*K assignments.
 
 This file holds the router, the balance losses and the single-device dispatch: dropless,
 every assignment computed by the grouped matmul of `experts.py` (or, for a few tokens, by a
-loop over the chosen experts). `reference_experts` is the plain, readable dispatch (one gather and einsum
-over assignments) that tests hold both fast paths to. The expert-parallel all-to-all dispatch
+loop over the chosen experts). `reference_experts` is the plain, readable dispatch (one
+gather and einsum over assignments) that tests hold both fast paths to. The expert-parallel all-to-all dispatch
 lives in `deepseek_jax/parallel/expert.py`.
 """
 
@@ -128,6 +128,7 @@ def per_expert_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_
         .set(routing.weights.astype(x_ND.dtype))
     )
     chosen_E = jnp.zeros(e, bool).at[routing.experts].set(True)
+    weights = (w_gate, w_up, w_down)
 
     def expert(i, y_ND):
         def run(y_ND):
@@ -137,7 +138,6 @@ def per_expert_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_
 
         return jax.lax.cond(chosen_E[i], run, lambda y: y, y_ND)
 
-    weights = (w_gate, w_up, w_down)
     with jax.named_scope("experts"):
         return jax.lax.fori_loop(0, e, expert, jnp.zeros_like(x_ND))
 
