@@ -34,6 +34,8 @@ COMPUTE_DTYPES = ("auto", *DTYPES)
 ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
 # Attention, decode and expert-matmul implementations (deepseek_jax/kernels/select.py).
 KERNELS = ("auto", "plain", "tpu", "cuda", "interpret")
+# Expert-parallel dispatch collectives (deepseek_jax/parallel/ragged.py).
+DISPATCHES = ("auto", "dense", "ragged", "emulated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,10 @@ class ModelConfig:
     attention_block_size: int | None = None
     # "auto": Pallas/cuDNN kernels where the lowering platform and shapes allow, else plain.
     kernels: str = "auto"
+    # Expert-parallel dispatch. "auto": ragged_all_to_all where the lowering platform has it
+    # (TPU, GPU), the dense all_to_all on the CPU; "emulated": the ragged dispatch with a dense
+    # stand-in for the collective (tests, any platform).
+    dispatch: str = "auto"
 
     def __post_init__(self):
         positive = (
@@ -179,6 +185,8 @@ class ModelConfig:
             )
         if self.kernels not in KERNELS:
             raise UserError(f"kernels={self.kernels!r}: choose one of {KERNELS}")
+        if self.dispatch not in DISPATCHES:
+            raise UserError(f"dispatch={self.dispatch!r}: choose one of {DISPATCHES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
         if isinstance(self.rope_scaling, dict):
@@ -429,6 +437,7 @@ HF_FIELDS = (
             "scan_unroll",
             "attention_block_size",
             "kernels",
+            "dispatch",
         )
     ),
 )

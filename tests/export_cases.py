@@ -47,7 +47,12 @@ CACHE = 512  # slots: a multiple of the decode kernel's block
 
 def export_modules(fn, *args) -> dict[str, str]:
     """{platform: the StableHLO text of `fn` lowered for it}, for tpu and cuda."""
-    return {p: export.export(fn, platforms=[p])(*args).mlir_module() for p in ("tpu", "cuda")}
+    # ragged_all_to_all lowers to a custom call without JAX's compatibility guarantee.
+    checks = [export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    return {
+        p: export.export(fn, platforms=[p], disabled_checks=checks)(*args).mlir_module()
+        for p in ("tpu", "cuda")
+    }
 
 
 def kernel_names(module: str) -> collections.Counter:
@@ -96,7 +101,8 @@ def test_train_step_exports_with_the_tpu_kernels():
     # megablox's gmm and tgmm (the weight gradients) both call their Pallas kernel "kernel";
     # identical calls share one lowered function, so this counts distinct ones.
     assert names["kernel"] >= 6, names
-    assert "all_to_all" in module  # expert parallelism
+    # Expert parallelism: the ragged dispatch on both accelerators, there and back.
+    assert all(m.count("@ragged_all_to_all") >= 4 for m in modules.values())
     assert "tpu_custom_call" not in modules["cuda"]
     assert "ragged_dot" in modules["cuda"]  # the GPU expert matmul
     # Mixed precision: fp32 master params and AdamW moments in the state, bf16 matmuls.

@@ -158,7 +158,8 @@ def test_budget_drops_lowest_affinity_across_what_a_device_received():
     scores = np.take_along_axis(np.asarray(routing.scores), np.asarray(routing.experts), 1)
     device = np.asarray(routing.experts) // per_device  # [N, K] device of each slot
     arrived = np.take_along_axis(sent, device, axis=1)  # the slot's row was shipped
-    assert not kept[~arrived].any()
+    live = np.asarray(routing.weights) != 0  # a zero gate is kept: it has nothing to add
+    assert not kept[~arrived & live].any()
     assert not (~kept & never_drop[:, None]).any(), "a never-drop assignment was dropped"
     budget = k * n_all // 8
     for dst in range(8):

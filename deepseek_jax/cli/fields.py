@@ -53,6 +53,7 @@ FIELDS = {
     "model.remat_policy": "what the backward pass recomputes: none | full | dots_saveable | ...",
     "model.scan_unroll": "layers per nn.scan iteration (unrolled short stacks run faster)",
     "model.kernels": "auto (Pallas/cuDNN kernels per lowering platform) | plain | tpu | cuda | interpret",
+    "model.dispatch": "expert-parallel all-to-all: auto (ragged on TPU/GPU, dense on CPU) | dense | ragged | emulated",
     "model.attention_block_size": "keys per block of the blockwise attention; None: the platform's default",
     # data (deepseek_jax/data)
     "data.source": "stdlib | text | jsonl | parquet | arrayrecord | chat",

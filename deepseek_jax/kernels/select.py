@@ -51,7 +51,7 @@ def _refuse(ctx, *args, out_avals, message):
 mlir.register_lowering(_unavailable_p, _refuse)
 
 
-def _unavailable(fn: Callable, message: str) -> Callable:
+def unavailable(fn: Callable, message: str) -> Callable:
     """A branch shaped like `fn` that fails at lowering with `message` ({platform} filled in)."""
 
     def branch(*args):
@@ -100,7 +100,7 @@ def by_platform(
         "kernels"
     )
     return jax.lax.platform_dependent(
-        *args, **{kernels: forced}, default=_unavailable(forced, message)
+        *args, **{kernels: forced}, default=unavailable(forced, message)
     )
 
 

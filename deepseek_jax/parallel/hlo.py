@@ -4,6 +4,8 @@ What a step costs at scale is measured from the program the compiler produced, n
 formulas (docs/design.md, "The device-level budget"):
 
     all_to_all_bytes(text)          bytes one device hands to all-to-all ops
+    ragged_all_to_all_bytes(module)   the same for ragged_all_to_all, read from an exported
+                                      StableHLO module (XLA:CPU compiles none: jax.export)
     dot_flops(text, scope="experts")  FLOPs of the dot ops under a jax.named_scope, per device
 
 `compiled.cost_analysis()` counts a while loop's body once; `dot_flops` multiplies each body by
@@ -65,6 +67,21 @@ def all_to_all_bytes(text: str, last_dim: int | None = None) -> int:
             shape = [int(d) for d in dims.split(",") if d]
             if last_dim is None or (shape and shape[-1] == last_dim):
                 total += math.prod(shape) * ELEMENT_BYTES.get(dtype, 4)
+    return total
+
+
+RAGGED = re.compile(r"@ragged_all_to_all\(.*?\)\s*->\s*tensor<([\dx]+)x([a-z]+\d*)>")
+
+
+def ragged_all_to_all_bytes(module: str, last_dim: int | None = None) -> int:
+    """Bytes of the results of every ragged_all_to_all in a StableHLO module (the buffers one
+    device receives into: its static bound, which the rows actually sent never exceed); with
+    `last_dim`, only arrays of that minor dimension."""
+    total = 0
+    for dims, dtype in RAGGED.findall(module):
+        shape = [int(d) for d in dims.split("x")]
+        if last_dim is None or shape[-1] == last_dim:
+            total += math.prod(shape) * ELEMENT_BYTES.get(dtype, 4)
     return total
 
 

@@ -15,11 +15,13 @@ one layer's recomputed forward and cotangents, plus the logits; and the latent c
 generation. `--compile` also compiles the real train step on abstract sharded inputs and
 reads `memory_analysis()` (`compiled_train_memory`); the tests hold the two within 15%.
 
-One MoE layer's routed experts are costed twice: predicted from shapes alone
-(`predicted_layer_cost`: the dispatch's C and B from `expert.sizes`) and read from the
-program XLA compiles for it (`compiled_layer_cost`: all-to-all operand bytes and the expert
-dots' FLOPs, loop bodies times their trip counts, `hlo.py`); the tests hold the two within
-10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a GPU/TPU
+One MoE layer's routed experts are costed twice, for each dispatch (ragged_all_to_all on
+TPU/GPU, the dense all_to_all on the CPU): predicted from shapes alone
+(`predicted_layer_cost`: the dispatch's C or S and R, and B, from `expert.sizes`) and read
+from the program: the one XLA:CPU compiles for the dense dispatch (`compiled_layer_cost`:
+all-to-all result bytes and the expert dots' FLOPs, loop bodies times their trip counts,
+`hlo.py`), the one exported for TPU for the ragged one (`exported_layer_cost`: its
+ragged_all_to_all result bytes); the tests hold the two within 10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a GPU/TPU
 host, where it asks for the CPU platform). A command-line tool over the model, the rules and
 the train step, so it imports them (none of them imports it).
 """
@@ -33,6 +35,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import export
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -175,19 +178,20 @@ def attention_forward(run: Run) -> int:
 
 def ffn_forward(run: Run, moe: bool) -> int:
     """Bytes of the FFN's forward that its backward reads. Dense: the gate, up and gated
-    hidden [n, I] and the output. MoE: the rows the all-to-all brought and sends back
-    [P x C, D], each kept slot's x and y [B, D] and hidden [B, 3 I] (B the budget, in whole
+    hidden [n, I] and the output. MoE: the rows sent and received, there and back
+    ([S, D] and [R, D] each way), each kept slot's x and y [B, D] and hidden [B, 3 I] (B the budget, in whole
     grouped-matmul tiles), the combined output [n, D]."""
     cfg, n, a, d = run.cfg, run.tokens, jnp.dtype(run.cfg.dtype).itemsize, run.cfg.hidden_size
     if not moe:
         return n * (3 * cfg.intermediate_size // rules.devices(run.mesh, "mlp") + d) * a
-    size = layer_sizes(cfg, run.mesh, run.batch // run.micro_steps, run.length, True)
+    # Planned for an accelerator: the ragged dispatch's buffers (S rows out, R in).
+    size = layer_sizes(cfg, run.mesh, run.batch // run.micro_steps, run.length, True, True)
     p = expert.expert_devices(cfg, run.mesh)
     width = cfg.moe_intermediate_size // rules.devices(run.mesh, "expert_mlp")
     experts = cfg.n_routed_experts // p
     tile = tile_rows(size.budget, experts)
     slots = (-(-size.budget // tile) + experts) * tile
-    return (2 * p * size.c * d + slots * (2 * d + 3 * width) + n * d) * a
+    return (2 * (size.sent + size.received) * d + slots * (2 * d + 3 * width) + n * d) * a
 
 
 def layer_peak(run: Run, moe: bool) -> int:
@@ -257,26 +261,31 @@ def compiled_train_memory(run: Run) -> dict[str, int]:
     return out
 
 
-def layer_sizes(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> expert.Sizes:
+def layer_sizes(
+    cfg: ModelConfig, mesh, batch: int, length: int, drop: bool, ragged: bool
+) -> expert.Sizes:
     """The dispatch's static sizes for one MoE layer of a [batch, length] call."""
     p = expert.expert_devices(cfg, mesh)
     never_drop = expert.never_drop_tokens(cfg, batch, length)
     n = batch * length // rules.token_devices(mesh)
     protected = int(never_drop.reshape(-1, n).sum(axis=1).max())
-    return expert.sizes(cfg, p, n, protected, drop and cfg.capacity_factor is not None)
+    return expert.sizes(cfg, p, n, protected, drop, ragged)
 
 
-def predicted_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
+def predicted_layer_cost(
+    cfg: ModelConfig, mesh, batch: int, length: int, drop: bool, ragged: bool = False
+) -> dict:
     """Per token on one device, from shapes: all-to-all bytes (token rows, and all told with
-    the slot metadata) and routed-expert FLOPs at the grouped matmul's compiled bound."""
+    the slot metadata; received, there and back) and routed-expert FLOPs at the grouped
+    matmul's compiled bound. `ragged`: the TPU/GPU dispatch (ragged_all_to_all)."""
     cfg = resolve_dtype(cfg, mesh)
-    size = layer_sizes(cfg, mesh, batch, length, drop)
+    size = layer_sizes(cfg, mesh, batch, length, drop, ragged)
     p = expert.expert_devices(cfg, mesh)
     d, k, l = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts // p
     width = cfg.moe_intermediate_size // rules.devices(mesh, "expert_mlp")
-    rows = p * size.c
-    activations = 2 * rows * d * jnp.dtype(cfg.dtype).itemsize  # dispatch + combine
-    metadata = rows * k * (3 * 4 + 1)  # (expert, gate, priority) f32 out, kept int8 back
+    rows = size.received + size.sent  # the dispatch's result, then the combine's
+    activations = rows * d * jnp.dtype(cfg.dtype).itemsize
+    metadata = size.received * k * 3 * 4 + size.sent * k  # (expert, gate, priority), kept
     tile = tile_rows(size.budget, l)
     tiles = -(-size.budget // tile) + l
     return {
@@ -286,8 +295,8 @@ def predicted_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: 
     }
 
 
-def layer_hlo(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> str:
-    """The compiled program of one MoE layer's routed experts, on abstract sharded inputs."""
+def layer_program(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool):
+    """One MoE layer's routed experts, jitted, and abstract sharded inputs for it."""
     d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     never_drop = expert.never_drop_tokens(cfg, batch, length)
     dtype = jnp.dtype(resolve_dtype(cfg, mesh).dtype)
@@ -307,17 +316,36 @@ def layer_hlo(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> st
         abstract((e, d, i), ("expert", "embed", "expert_mlp")),
         abstract((e, i, d), ("expert", "expert_mlp", "embed")),
     )
-    return jax.jit(routed).lower(*args).compile().as_text()
+    return jax.jit(routed), args
 
 
 def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
-    """Per token on one device, read from the compiled program (same keys as predicted)."""
-    text = layer_hlo(cfg, mesh, batch, length, drop)
+    """Per token on one device, read from the program XLA:CPU compiles (the dense dispatch;
+    same keys as predicted)."""
+    fn, args = layer_program(cfg, mesh, batch, length, drop)
+    text = fn.lower(*args).compile().as_text()
     n = batch * length / rules.token_devices(mesh)
     return {
         "activation bytes": hlo.all_to_all_bytes(text, last_dim=cfg.hidden_size) / n,
         "all-to-all bytes": hlo.all_to_all_bytes(text) / n,
         "expert flops": hlo.dot_flops(text, scope="experts") / n,
+    }
+
+
+def exported_layer_cost(
+    cfg: ModelConfig, mesh, batch: int, length: int, drop: bool, platform: str = "tpu"
+) -> dict:
+    """Per token on one device, the ragged dispatch's all-to-all bytes read from the layer
+    exported for `platform` (StableHLO: XLA:CPU compiles no ragged-all-to-all). The expert
+    FLOPs are the dense program's: both run `expert.local_experts` at the same budget."""
+    fn, args = layer_program(cfg, mesh, batch, length, drop)
+    checks = [export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    module = export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
+    text = module.mlir_module()
+    n = batch * length / rules.token_devices(mesh)
+    return {
+        "activation bytes": hlo.ragged_all_to_all_bytes(text, last_dim=cfg.hidden_size) / n,
+        "all-to-all bytes": hlo.ragged_all_to_all_bytes(text) / n,
     }
 
 
@@ -458,14 +486,22 @@ def main(argv: list[str] | None = None) -> None:
         "one MoE layer's routed experts, per token on one device "
         "(x cf = 2 cf M D bytes, 6 cf K D I FLOPs)"
     )
-    rows = [("train step (capacity)", True), ("dropless (eval, generation)", False)]
-    for label, drop in rows:
-        predicted = predicted_layer_cost(cfg, mesh, batch, length, drop)
-        compiled = compiled_layer_cost(cfg, mesh, batch, length, drop) if args.compile else {}
+    rows = [
+        ("train step, TPU/GPU (ragged)", True, True),
+        ("train step, CPU (dense)", True, False),
+        ("dropless, TPU/GPU (ragged)", False, True),
+        ("dropless, CPU (dense)", False, False),
+    ]
+    for label, drop, ragged in rows:
+        predicted = predicted_layer_cost(cfg, mesh, batch, length, drop, ragged)
+        compiled = {}
+        if args.compile:
+            cost = exported_layer_cost if ragged else compiled_layer_cost
+            compiled = cost(cfg, mesh, batch, length, drop)
         for key, value in predicted.items():
             got = f"   compiled {compiled[key]:14,.0f}" if key in compiled else ""
             base = ideal.get(key) or ideal["activation bytes"]
-            print(f"  {label:28s} {key:18s} planned {value:14,.0f} ({value / base:5.2f} x){got}")
+            print(f"  {label:30s} {key:18s} planned {value:14,.0f} ({value / base:5.2f} x){got}")
 
 
 if __name__ == "__main__":
