@@ -241,27 +241,27 @@ def exchange(
 
         if collective is None:
 
-            def send(v, fill):  # [P * C, ...]: block p goes to / comes from device p
+            def send(v, fill=None):  # [P * C, ...]: block p goes to / comes from device p
                 return jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
 
             back = send
         else:
             there, home = ragged.send_plan(allow_SR, me), ragged.return_plan(allow_SR, me)
 
-            def send(v, fill):
-                out = jnp.broadcast_to(fill, (size.received, *v.shape[1:])).astype(v.dtype)
+            def send(v, fill=0):  # rows past what arrives keep `fill` (an empty row)
+                out = jnp.broadcast_to(jnp.asarray(fill, v.dtype), (size.received, *v.shape[1:]))
                 return collective(v, out, *there, axis_name=axis)
 
-            def back(v, fill):
+            def back(v):
                 out = jnp.zeros((size.sent, *v.shape[1:]), v.dtype)
                 return collective(v, out, *home, axis_name=axis)
 
-        x_RD, meta_R3K = send(x_XD, 0), send(meta_X3K, empty_3K)
+        x_RD, meta_R3K = send(x_XD), send(meta_X3K, empty_3K)
 
     y_RD, kept_RK = local_experts(size, x_RD, meta_R3K, k, l, cfg.kernels, w_gate, w_up, w_down)
 
     with jax.named_scope("combine"):
-        y_XD, kept_XK = back(y_RD, 0), back(kept_RK, 0)
+        y_XD, kept_XK = back(y_RD), back(kept_RK)
         # Filler rows (beyond a destination's wanted ones) carry no slots, so they add zeros.
         y_nD = jnp.zeros((n, d), y_XD.dtype).at[token_X].add(y_XD)
         kept_nK = jnp.zeros((n, k), jnp.int32).at[token_X].add(kept_XK.astype(jnp.int32)) > 0
