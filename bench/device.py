@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import deepseek_jax as dj
-from deepseek_jax.config import v2_lite
+from deepseek_jax.config import resolve_dtype, v2_lite
 from deepseek_jax.generate.loop import decode_step, prefill
 from deepseek_jax.model.transformer import unstack_params
 from deepseek_jax.sizes import param_counts
@@ -207,8 +207,8 @@ def bench_decode(cfg, params, mesh, batch, context, new, bandwidth, repeats) -> 
 
 
 def bench_config(args, devices: int) -> dj.ModelConfig:
-    on_cpu = jax.default_backend() == "cpu"
-    cfg = v2_lite().replace(dtype="float32" if on_cpu else "bfloat16", kernels=args.kernels)
+    # "auto" compute dtype: bf16 on the accelerator, fp32 on the CPU (a --toy check run).
+    cfg = resolve_dtype(v2_lite().replace(kernels=args.kernels), jax.default_backend())
     if args.toy:
         cfg = cfg.replace(
             vocab_size=1024, hidden_size=256, num_attention_heads=4, kv_lora_rank=128,

@@ -15,7 +15,8 @@ from deepseek_jax.configs import base_config
 
 def get_config():
     config = base_config("v2")  # the preset carries init std 0.006 and alpha1-3 of the paper
-    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    # The compute dtype stays "auto": bf16 on TPU and GPU.
+    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     config.model.rope_scaling = None  # paper 3.2.2: YaRN only in the long-context stage
     config.model.max_position_embeddings = 4096
     config.model.capacity_factor = 1.0  # paper 2.2.4; 10% never dropped: the default

@@ -13,7 +13,8 @@ from deepseek_jax.configs import base_config
 
 def get_config():
     config = base_config("v2_lite")  # the preset carries alpha1 = 0.001
-    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    # The compute dtype stays "auto": bf16 on TPU and GPU.
+    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     config.model.rope_scaling = None  # YaRN comes with the long-context stage
     config.model.max_position_embeddings = 4096
     config.model.update(aux_loss_alpha2=0.0, aux_loss_alpha3=0.0)  # one routing group
