@@ -63,40 +63,35 @@ def _einsum_f32(spec: str, a, b) -> jnp.ndarray:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _batched_matmul_f32(a_BMX, b_BXN, contract_b: int) -> jnp.ndarray:
-    """[B, M, N] float32: a [B, M, X] times b contracted on its axis `contract_b` (1 or 2),
-    upcast on the CPU as `_einsum_f32` does."""
-    dims = (((2,), (contract_b,)), ((0,), (0,)))
-    if jax.default_backend() == "cpu":
-        return jax.lax.dot_general(a_BMX.astype(jnp.float32), b_BXN.astype(jnp.float32), dims)
-    return jax.lax.dot_general(a_BMX, b_BXN, dims, preferred_element_type=jnp.float32)
-
-
-# A key head shared by every query head (MLA's absorbed decode) is one plain batched matmul
-# per row, [Q H, K] x [J, K]^T and [H Q, J] x [J, V], with the queries as the left operand.
-# Written as einsums, XLA:CPU made the cache the left operand of the weighted sum and
-# contracted it on its major axis (an Eigen dot at ~13 GFLOP/s): `small`'s decode attention
-# over a 384-slot cache took 862 us a layer at batch 8 (416 us now) and 51 us at batch 1
-# (31 us now), A/B alternated on a shared 2-core CPU.
-
-
 def _scores(q_BQHK, k_BJGK) -> jnp.ndarray:
     """[B, H, Q, J] float32 dot products; a shared key head broadcasts over the query heads."""
-    if _heads(k_BJGK):
-        return _einsum_f32("BQHK,BJHK->BHQJ", q_BQHK, k_BJGK)
-    b, q, h, k = q_BQHK.shape
-    s = _batched_matmul_f32(q_BQHK.reshape(b, q * h, k), k_BJGK[:, :, 0], contract_b=2)
-    return jnp.einsum("BQHJ->BHQJ", s.reshape(b, q, h, -1))
+    h = _heads(k_BJGK)
+    k = k_BJGK if h else k_BJGK[:, :, 0]
+    return _einsum_f32(f"BQHK,BJ{h}K->BHQJ", q_BQHK, k)
 
 
 def _weighted(p_BHQJ, v_BJGV) -> jnp.ndarray:
     """[B, Q, H, V] float32: probabilities times values."""
     if _heads(v_BJGV):
         return _einsum_f32("BHQJ,BJHV->BQHV", p_BHQJ.astype(v_BJGV.dtype), v_BJGV)
+    # A value head shared by every query head (MLA's absorbed decode): one batched matmul
+    # [H Q, J] x [J, V] a row, probabilities on the left. From the einsum, XLA:CPU put the
+    # values on the left, contracted on their major axis, in an Eigen dot at ~13 GFLOP/s:
+    # `small`'s generation at batch 8 (160 new tokens) took 5.88 s, now 5.37 s (medians of 6
+    # runs alternated on a shared 2-core CPU). The scores' einsum is left as it is: written
+    # as the same kind of matmul it ran slower there.
     b, h, q, j = p_BHQJ.shape
-    p = p_BHQJ.astype(v_BJGV.dtype).reshape(b, h * q, j)
-    o = _batched_matmul_f32(p, v_BJGV[:, :, 0], contract_b=1)
-    return jnp.einsum("BHQV->BQHV", o.reshape(b, h, q, -1))
+    p_flat = p_BHQJ.astype(v_BJGV.dtype).reshape(b, h * q, j)  # [B, H Q, J]
+    dims = (((2,), (1,)), ((0,), (0,)))
+    if jax.default_backend() == "cpu":  # upcast, as _einsum_f32 does
+        o_flat = jax.lax.dot_general(
+            p_flat.astype(jnp.float32), v_BJGV[:, :, 0].astype(jnp.float32), dims
+        )
+    else:
+        o_flat = jax.lax.dot_general(
+            p_flat, v_BJGV[:, :, 0], dims, preferred_element_type=jnp.float32
+        )
+    return jnp.einsum("BHQV->BQHV", o_flat.reshape(b, h, q, -1))
 
 
 def reference_attention(
