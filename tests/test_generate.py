@@ -18,7 +18,7 @@ from deepseek_jax.generate.cache import (
     nbytes,
 )
 from deepseek_jax.generate.loop import decode_step, generate_padded, pad_prompts, prefill
-from deepseek_jax.generate.sampling import sample, top_k_filter, top_p_filter
+from deepseek_jax.generate.sampling import argmax, sample, top_k_filter, top_p_filter
 from deepseek_jax.model.transformer import unstack_params
 
 # Every size distinct, so that a shape in the decode program says which axes it has.
@@ -313,3 +313,15 @@ def test_generate_on_a_mesh_matches_and_returns_logprobs():
     logits = dj.DeepSeekV2(cfg).apply({"params": params}, np.array([prompts[0] + list(plain[0])]))
     expected = jax.nn.log_softmax(logits.logits[0, 2:-1], axis=-1)[np.arange(6), plain[0]]
     np.testing.assert_allclose(logp[0], expected, atol=1e-4)
+
+
+def test_greedy_argmax_is_jnp_argmax():
+    """sampling.argmax (two plain reductions) = jnp.argmax: the first of tied maxima, the first
+    NaN, index 0 for a row of -inf, on random rows too."""
+    rows = np.random.RandomState(0).randn(6, 33).astype(np.float32)
+    rows[1, [4, 9]] = 10.0  # a tie
+    rows[2, [3, 7]] = np.nan
+    rows[3] = -np.inf
+    rows[4, 5] = np.inf
+    logits = jnp.asarray(rows)
+    np.testing.assert_array_equal(argmax(logits), jnp.argmax(logits, axis=-1))

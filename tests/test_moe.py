@@ -11,7 +11,15 @@ from hf_models import build_hf
 
 import deepseek_jax as dj
 from deepseek_jax.model.experts import grouped_matmul, routed_experts, tile_rows
-from deepseek_jax.model.moe import MoE, Routing, balance_losses, reference_experts, route
+from deepseek_jax.model.moe import (
+    MoE,
+    Routing,
+    balance_losses,
+    per_expert_swiglu,
+    reference_experts,
+    route,
+    row_buckets,
+)
 from deepseek_jax.parallel import hlo
 
 VARIANTS = {
@@ -239,3 +247,20 @@ def test_expert_work_is_proportional_to_the_assignments(experts):
     backward = jax.jit(loss).lower(*args).compile().as_text()
     assert 3 * useful <= hlo.dot_flops(backward, "experts") <= 1.15 * 3 * useful
     assert tile_rows(n * k, experts) >= 8
+
+
+@pytest.mark.parametrize("models", ["group_limited"], indirect=True)
+def test_per_expert_loop_matches_the_reference(models):
+    """The decode path (`per_expert_swiglu`: each chosen expert on its own tokens' rows,
+    gathered into row buckets of 1, 2, 4 or 5 for N = 5) = reference_experts, with experts
+    chosen by 5, 4, 3, 2 and 1 of the tokens, so that every bucket runs."""
+    _, cfg, moe_params = models
+    x = jnp.asarray(tokens(cfg, n=5, seed=7))
+    experts = jnp.array([[3, 5, 7], [3, 5, 7], [3, 5, 7], [3, 5, 8], [3, 8, 9]], jnp.int32)
+    gates = jnp.asarray(np.random.RandomState(8).uniform(0.1, 1.0, experts.shape), jnp.float32)
+    routing = Routing(jnp.zeros((5, cfg.n_routed_experts)), experts, gates)
+    w = expert_weights(cfg)
+    assert row_buckets(5) == (1, 2, 4, 5)
+    np.testing.assert_allclose(
+        per_expert_swiglu(cfg, x, routing, *w), reference_experts(x, routing, *w), atol=1e-5
+    )

@@ -56,6 +56,18 @@ def top_p_filter(logits_BV: jnp.ndarray, p: float) -> jnp.ndarray:
     return jnp.where(logits_BV < cutoff_B1, NEG_INF, logits_BV)
 
 
+def argmax(logits_BV: jnp.ndarray) -> jnp.ndarray:
+    """[B] int32: `jnp.argmax` over the vocabulary (the first maximum; the first NaN if any),
+    as two plain reductions, the max and then the first index holding it. XLA:CPU runs
+    argmax's (value, index) reduction unvectorised: over `small`'s 32,000 logits 577 us a
+    step at batch 8 and 161 us at batch 1, against 135 us and 34 us (A/B alternated on a
+    shared 2-core CPU)."""
+    v = logits_BV.shape[-1]
+    max_B1 = logits_BV.max(axis=-1, keepdims=True)
+    hit_BV = (logits_BV == max_B1) | jnp.isnan(logits_BV)
+    return jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def sample(
     logits_BV: jnp.ndarray,
     rng: jax.Array,
@@ -66,7 +78,7 @@ def sample(
     """[B] int32 next tokens. temperature 0 is greedy (argmax; top_k/top_p then change nothing)."""
     logits_BV = logits_BV.astype(jnp.float32)
     if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax(logits_BV)
     logits_BV = logits_BV / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         logits_BV = top_k_filter(logits_BV, top_k)
