@@ -10,7 +10,7 @@ zero-padded and answering least-significant digit first ("012+039" -> "1500", th
    steps at a time. This task is learned in a sudden drop of the loss (from step ~200 in the
    runs measured; its step varies from run to run, threads reduce in varying order on the
    CPU), so SFT stops at the first chunk whose *validation* exact match reaches
-   `--start-accuracy`: a middling model for GRPO to start from.
+   `--start_accuracy`: a middling model for GRPO to start from.
 3. Exact match of that checkpoint on the held-out set: greedy answers scored by the reward.
 4. GRPO (deepseek_jax/configs/grpo.py) from it, rewards from the same exact-match function.
 5. Held-out exact match again; writes results.json and reward.png (reward per GRPO step).
@@ -109,7 +109,7 @@ def plot_rewards(run_dir: str, path: str) -> None:
 
 
 def run_sft(args, data: str, valid: list[tuple]):
-    """SFT chunk by chunk until validation exact match reaches --start-accuracy. Returns the
+    """SFT chunk by chunk until validation exact match reaches --start_accuracy. Returns the
     run directory, its step, the validation curve and the seconds taken."""
     start = time.perf_counter()
     cache = os.path.expanduser("~/.cache/deepseek_jax/xla")
@@ -131,7 +131,7 @@ def run_sft(args, data: str, valid: list[tuple]):
         if curve[step] >= args.start_accuracy:
             break
     else:
-        sys.exit(f"no SFT checkpoint reached {args.start_accuracy}: raise --max-sft-steps")
+        sys.exit(f"no SFT checkpoint reached {args.start_accuracy}: raise --max_sft_steps")
     return sft_dir, step, curve, time.perf_counter() - start
 
 
@@ -140,14 +140,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/addition")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--train", type=int, default=30000)
-    p.add_argument("--held-out", type=int, default=256)
+    p.add_argument("--held_out", type=int, default=256)
     p.add_argument("--chunk", type=int, default=50)
-    p.add_argument("--max-sft-steps", type=int, default=1000)
-    p.add_argument("--start-accuracy", type=float, default=0.3)
-    p.add_argument("--grpo-steps", type=int, default=150)
+    p.add_argument("--max_sft_steps", type=int, default=1000)
+    p.add_argument("--start_accuracy", type=float, default=0.3)
+    p.add_argument("--grpo_steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-run", default="", help="skip SFT: start GRPO from this SFT run")
-    p.add_argument("--sft-step", type=int, default=-1, help="with --sft-run: its checkpoint")
+    p.add_argument("--sft_run", default="", help="skip SFT: start GRPO from this SFT run")
+    p.add_argument("--sft_step", type=int, default=-1, help="with --sft_run: its checkpoint")
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.out, "sft")):
         sys.exit(f"{args.out} holds an earlier run: give a fresh --out")

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=0, help="0: as many as fit (2 with --toy)")
     parser.add_argument("--batch", type=int, default=0, help="train/prefill rows (0: auto)")
     parser.add_argument("--seq", type=int, default=0, help="train/prefill length (0: auto)")
-    parser.add_argument("--decode-batches", default="", help="e.g. 1,32,128 (default)")
+    parser.add_argument("--decode_batches", default="", help="e.g. 1,32,128 (default)")
     parser.add_argument("--context", type=int, default=0, help="decode context (0: auto)")
     parser.add_argument("--kernels", default="auto", choices=dj.config.KERNELS)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,11 +1,11 @@
 """Generation speed and cache size, ours (`dj.generate`) against transformers' `generate`.
 
     python bench/generate.py                     # `small` preset, batch 8, 128 + 256 tokens, CPU
-    python bench/generate.py --new 64 --runs 3 --torch-experts eager
+    python bench/generate.py --new 64 --runs 3 --torch_experts eager
 
 Random weights (initializer_range 0.02) are drawn for our model, written with `save_hf` and
 read by transformers' `from_pretrained`, so both sample from the same numbers. Both decode
-greedily for exactly --new tokens (no eos) after the same --prompt-long random prompts;
+greedily for exactly --new tokens (no eos) after the same random prompts of --prompt tokens;
 tokens/s counts new tokens over the whole call (prefill included), median of --runs warm
 runs (ours after compiling, PyTorch after a short warm-up call, under `torch.no_grad()`).
 Cache bytes per token are measured on the caches each one actually holds.
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt length")
     parser.add_argument("--new", type=int, default=256, help="new tokens per row")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each (median)")
-    parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--torch_attn", default="sdpa", choices=("sdpa", "eager"))
     parser.add_argument(
-        "--torch-experts", default="grouped_mm", choices=("eager", "batched_mm", "grouped_mm")
+        "--torch_experts", default="grouped_mm", choices=("eager", "batched_mm", "grouped_mm")
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The MoE layer against a dense SwiGLU with the same active parameters, on the CPU.
 
-    python bench/moe.py [--preset small] [--batch 8] [--seq-len 512] [--repeats 3]
+    python bench/moe.py [--preset small] [--batch 8] [--seq_len 512] [--repeats 3]
 
 Dense width = (n_shared + K) * moe_intermediate: what one token multiplies by in the MoE.
 Rows: the plain single-device MoE (model/moe.py: grouped matmul), and the expert-parallel
@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
