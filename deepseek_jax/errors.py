@@ -16,7 +16,13 @@ from collections.abc import Callable
 
 
 class UserError(ValueError):
-    """A mistake the user can fix; the message names the bad value and the fix."""
+    """A mistake the user can fix; the message names the bad value and the fix.
+
+    `exit_now`: end the process at once after reporting (os._exit), skipping the interpreter's
+    teardown, which background threads left failing (a failed checkpoint save's writers)
+    could block or crash."""
+
+    exit_now: bool = False
 
 
 DEBUG_ENV = "DEEPSEEK_JAX_DEBUG"
@@ -39,6 +45,10 @@ def report_errors(prog: str) -> Callable[[Callable], Callable]:
                 if debugging():
                     raise
                 print(f"{prog}: {e}", file=sys.stderr)
+                if e.exit_now:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(2)
                 sys.exit(2)
 
         return run

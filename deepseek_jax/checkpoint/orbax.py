@@ -349,11 +349,15 @@ class Checkpoints:
     def fail(self, step: int | None, cause: BaseException | str):
         self.failed = True
         last = "none" if self.complete is None else f"step {self.complete}"
-        raise CheckpointError(
+        error = CheckpointError(
             f"could not save checkpoint step {step} in {self.directory} ({one_line(cause)}); "
             f"stopped, the last complete checkpoint is {last}: free disk space or fix the "
             "directory's permissions, then run again to resume"
         )
+        # orbax's and tensorstore's writers go on failing in their threads; an ordinary exit
+        # can die in their C++ teardown (SIGABRT after the message, seen with a full disk).
+        error.exit_now = True
+        raise error
 
     def close(self) -> None:
         """Waits (bounded) for the save in flight. After a failure it waits for nothing: orbax's

@@ -229,7 +229,7 @@ def exchange(
         x_XD = jnp.where(valid_X[:, None], x_nD[token_X], 0)
         # Slot metadata, one float32 array so that it travels in one collective: local expert
         # id (L marks an empty slot; exact in float32), gate g, priority (-1 when empty).
-        empty_3K = jnp.repeat(jnp.array([l, 0.0, -1.0], jnp.float32), k)
+        empty_3K = jnp.concatenate([jnp.full(k, l, jnp.float32), jnp.zeros(k), jnp.full(k, -1.0)])
         meta_X3K = jnp.concatenate(
             [
                 jnp.where(mine_XK, routing.experts[token_X] % l, l).astype(jnp.float32),
