@@ -307,7 +307,11 @@ def read_leaf(cfg, tensors, source: Source, shape, sharding) -> jax.Array:
             at = ((layer, layer + 1), *bounds[1:])
             return read_block(cfg, tensors, source, shape, at)
 
-        leaf = put_layer(sharding)(leaf, place_blocks((1, *shape[1:]), sharding, read_layer), layer)
+        slab = place_blocks((1, *shape[1:]), sharding, read_layer)
+        # Waited for: dispatch runs ahead of the updates, and each pending one holds its slab
+        # (a suspect for a CI run whose load peaked 70 MB past the bound, not reproduced).
+        leaf = put_layer(sharding)(leaf, slab, layer).block_until_ready()
+        del slab
     return leaf
 
 
