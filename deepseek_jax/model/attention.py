@@ -81,17 +81,9 @@ def _weighted(p_BHQJ, v_BJGV) -> jnp.ndarray:
     # runs alternated on a shared 2-core CPU). The scores' einsum is left as it is: written
     # as the same kind of matmul it ran slower there.
     b, h, q, j = p_BHQJ.shape
-    p_flat = p_BHQJ.astype(v_BJGV.dtype).reshape(b, h * q, j)  # [B, H Q, J]
-    dims = (((2,), (1,)), ((0,), (0,)))
-    if jax.default_backend() == "cpu":  # upcast, as _einsum_f32 does
-        o_flat = jax.lax.dot_general(
-            p_flat.astype(jnp.float32), v_BJGV[:, :, 0].astype(jnp.float32), dims
-        )
-    else:
-        o_flat = jax.lax.dot_general(
-            p_flat, v_BJGV[:, :, 0], dims, preferred_element_type=jnp.float32
-        )
-    return jnp.einsum("BHQV->BQHV", o_flat.reshape(b, h, q, -1))
+    p_BMJ = p_BHQJ.astype(v_BJGV.dtype).reshape(b, h * q, j)  # M = H Q
+    o_BMV = _einsum_f32("BMJ,BJV->BMV", p_BMJ, v_BJGV[:, :, 0])
+    return jnp.einsum("BHQV->BQHV", o_BMV.reshape(b, h, q, -1))
 
 
 def reference_attention(

@@ -66,7 +66,7 @@ class Dispatch:
     """What happened to each token's rows and slots. Row (t, p): token t has an expert on p."""
 
     wanted: jnp.ndarray  # [N, P] bool, token t chose an expert on device p
-    sent: jnp.ndarray  # [N, P] bool, ... and its row fit in the pair's C
+    sent: jnp.ndarray  # [N, P] bool, ... and its row was shipped (within C, or its allowance)
     affinity: jnp.ndarray  # [N, P] float32, sum of t's chosen scores s on device p
     kept: jnp.ndarray  # [N, K] bool, slot k of token t was computed (within its device's B)
     # or has a zero gate (nothing to add, not sent)
@@ -246,7 +246,7 @@ def exchange(
 
             back = send
         else:
-            there, home = ragged.send_plan(allow_SR, me), ragged.return_plan(allow_SR, me)
+            there, home = ragged.plans(allow_SR, me)
 
             def send(v, fill=0):  # rows past what arrives keep `fill` (an empty row)
                 out = jnp.broadcast_to(jnp.asarray(fill, v.dtype), (size.received, *v.shape[1:]))

@@ -21,8 +21,9 @@ TPU/GPU, the dense all_to_all on the CPU): predicted from shapes alone
 from the program: the one XLA:CPU compiles for the dense dispatch (`compiled_layer_cost`:
 all-to-all result bytes and the expert dots' FLOPs, loop bodies times their trip counts,
 `hlo.py`), the one exported for TPU for the ragged one (`exported_layer_cost`: its
-ragged_all_to_all result bytes); the tests hold the two within 10%. Fake CPU devices stand in for the mesh, so this runs on a laptop (and on a GPU/TPU
-host, where it asks for the CPU platform). A command-line tool over the model, the rules and
+ragged_all_to_all result bytes); the tests hold the two within 10%. Fake CPU devices stand
+in for the mesh, so this runs on a laptop (and on a GPU/TPU host, where it asks for the CPU
+platform). A command-line tool over the model, the rules and
 the train step, so it imports them (none of them imports it).
 """
 
@@ -178,14 +179,15 @@ def attention_forward(run: Run) -> int:
 
 def ffn_forward(run: Run, moe: bool) -> int:
     """Bytes of the FFN's forward that its backward reads. Dense: the gate, up and gated
-    hidden [n, I] and the output. MoE: the rows sent and received, there and back
-    ([S, D] and [R, D] each way), each kept slot's x and y [B, D] and hidden [B, 3 I] (B the budget, in whole
-    grouped-matmul tiles), the combined output [n, D]."""
+    hidden [n, I] and the output. MoE: the rows sent and received, there and back ([S, D]
+    and [R, D] each way), each kept slot's x and y [B, D] and hidden [B, 3 I] (B the budget,
+    in whole grouped-matmul tiles), the combined output [n, D]."""
     cfg, n, a, d = run.cfg, run.tokens, jnp.dtype(run.cfg.dtype).itemsize, run.cfg.hidden_size
     if not moe:
         return n * (3 * cfg.intermediate_size // rules.devices(run.mesh, "mlp") + d) * a
-    # Planned for an accelerator: the ragged dispatch's buffers (S rows out, R in).
-    size = layer_sizes(cfg, run.mesh, run.batch // run.micro_steps, run.length, True, True)
+    # Planned for an accelerator: the ragged dispatch's buffers unless the config forces dense.
+    ragged = cfg.dispatch != "dense"
+    size = layer_sizes(cfg, run.mesh, run.batch // run.micro_steps, run.length, True, ragged)
     p = expert.expert_devices(cfg, run.mesh)
     width = cfg.moe_intermediate_size // rules.devices(run.mesh, "expert_mlp")
     experts = cfg.n_routed_experts // p
@@ -322,7 +324,7 @@ def layer_program(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool):
 def compiled_layer_cost(cfg: ModelConfig, mesh, batch: int, length: int, drop: bool) -> dict:
     """Per token on one device, read from the program XLA:CPU compiles (the dense dispatch;
     same keys as predicted)."""
-    fn, args = layer_program(cfg, mesh, batch, length, drop)
+    fn, args = layer_program(cfg.replace(dispatch="dense"), mesh, batch, length, drop)
     text = fn.lower(*args).compile().as_text()
     n = batch * length / rules.token_devices(mesh)
     return {
@@ -338,7 +340,7 @@ def exported_layer_cost(
     """Per token on one device, the ragged dispatch's all-to-all bytes read from the layer
     exported for `platform` (StableHLO: XLA:CPU compiles no ragged-all-to-all). The expert
     FLOPs are the dense program's: both run `expert.local_experts` at the same budget."""
-    fn, args = layer_program(cfg, mesh, batch, length, drop)
+    fn, args = layer_program(cfg.replace(dispatch="ragged"), mesh, batch, length, drop)
     checks = [export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
     module = export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
     text = module.mlir_module()

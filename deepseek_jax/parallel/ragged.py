@@ -12,9 +12,9 @@ allow[s, r] rows sender s ships to receiver r (row s of the matrix: one sender's
 
 `allowances` is the one rule every device applies to the same gathered counts, so senders and
 receivers agree on every offset without another exchange. XLA:CPU cannot run
-`ragged-all-to-all`, so `emulated_ragged_all_to_all` does the same thing with a dense
-all_to_all (P x S rows moved: only for tests and the CPU's "interpret" choice); the tests hold
-it to the collective's documented semantics.
+`ragged-all-to-all`, so `emulated_all_to_all` does the same thing with a dense all_to_all
+(P x S rows moved: only for tests, `ModelConfig.dispatch="emulated"`); the tests hold it to
+the collective's documented semantics.
 """
 
 from __future__ import annotations
@@ -44,24 +44,15 @@ def allowances(count_SR: jnp.ndarray, protected_SR: jnp.ndarray, room: int) -> j
     return (kept_protected + kept_other).astype(jnp.int32)
 
 
-def exclusive_cumsum(x: jnp.ndarray, axis: int) -> jnp.ndarray:
-    return jnp.cumsum(x, axis=axis) - x
-
-
-def send_plan(allow_SR: jnp.ndarray, me) -> tuple[jnp.ndarray, ...]:
-    """(input_offsets, send_sizes, output_offsets, recv_sizes) of device `me` shipping rows
-    packed by destination (its row of allow) into receive buffers packed by sender."""
-    start_in_sender = exclusive_cumsum(allow_SR, axis=1)
-    start_in_receiver = exclusive_cumsum(allow_SR, axis=0)
-    return start_in_sender[me], allow_SR[me], start_in_receiver[me], allow_SR[:, me]
-
-
-def return_plan(allow_SR: jnp.ndarray, me) -> tuple[jnp.ndarray, ...]:
-    """The same four for the way back: device `me` returns each sender's rows to where that
-    sender packed them."""
-    start_in_sender = exclusive_cumsum(allow_SR, axis=1)
-    start_in_receiver = exclusive_cumsum(allow_SR, axis=0)
-    return start_in_receiver[:, me], allow_SR[:, me], start_in_sender[:, me], allow_SR[me]
+def plans(allow_SR: jnp.ndarray, me) -> tuple[tuple[jnp.ndarray, ...], tuple[jnp.ndarray, ...]]:
+    """The (input_offsets, send_sizes, output_offsets, recv_sizes) of device `me`: there, its
+    rows packed by destination (its row of allow) into receive buffers packed by sender; and
+    back, each sender's rows returned to where that sender packed them."""
+    start_in_sender = jnp.cumsum(allow_SR, axis=1) - allow_SR
+    start_in_receiver = jnp.cumsum(allow_SR, axis=0) - allow_SR
+    there = (start_in_sender[me], allow_SR[me], start_in_receiver[me], allow_SR[:, me])
+    back = (start_in_receiver[:, me], allow_SR[:, me], start_in_sender[:, me], allow_SR[me])
+    return there, back
 
 
 def emulated_all_to_all(
