@@ -147,12 +147,18 @@ def test_forced_kernel_on_the_wrong_platform_is_one_line():
     cos, sin = rope_cos_sin(CFG, positions)
     mla = MLA(CFG.replace(kernels="tpu"))
     params = jax.jit(MLA(CFG).init)(jax.random.key(1), x, cos, sin, positions, segments)["params"]
-    with pytest.raises(UserError) as e:
-        jax.jit(lambda p: mla.apply({"params": p}, x, cos, sin, positions, segments))(params)
-    message = str(e.value)
-    assert "\n" not in message
-    assert "kernel attention (kernels='tpu') cannot run on the cpu platform" in message
-    assert "kernels='auto'" in message
+
+    def out(p):
+        return mla.apply({"params": p}, x, cos, sin, positions, segments)[0]
+
+    # The gradient too: a train step with a forced kernel fails in the same line.
+    for fn in (out, jax.grad(lambda p: jnp.sum(out(p)))):
+        with pytest.raises(UserError) as e:
+            jax.jit(fn)(params)
+        message = str(e.value)
+        assert "\n" not in message
+        assert "kernel attention (kernels='tpu') cannot run on the cpu platform" in message
+        assert "kernels='auto'" in message
 
 
 def test_forced_kernel_on_unfit_shapes_is_one_line():

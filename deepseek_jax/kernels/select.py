@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
@@ -52,14 +53,24 @@ mlir.register_lowering(_unavailable_p, _refuse)
 
 
 def unavailable(fn: Callable, message: str) -> Callable:
-    """A branch shaped like `fn` that fails at lowering with `message` ({platform} filled in)."""
+    """A branch shaped like `fn` that fails at lowering with `message` ({platform} filled in).
 
+    Differentiable (zero tangents), since `platform_dependent` differentiates every branch
+    of a forced kernel before the lowering drops all but the platform's own.
+    """
+
+    @jax.custom_jvp
     def branch(*args):
         out = jax.eval_shape(fn, *args)
         leaves, tree = jax.tree.flatten(out)
         avals = tuple(jax.core.ShapedArray(x.shape, x.dtype) for x in leaves)
         flat = _unavailable_p.bind(*jax.tree.leaves(args), out_avals=avals, message=message)
         return jax.tree.unflatten(tree, flat)
+
+    @branch.defjvp
+    def branch_jvp(primals, tangents):
+        out = branch(*primals)
+        return out, jax.tree.map(jnp.zeros_like, out)
 
     return branch
 
