@@ -12,9 +12,13 @@ from hf_models import build_hf
 import deepseek_jax as dj
 from deepseek_jax.model.experts import grouped_matmul, routed_experts, tile_rows
 from deepseek_jax.model.moe import (
+    GPU_ALL_EXPERTS_TOKENS,
     MoE,
     Routing,
+    all_experts_swiglu,
     balance_losses,
+    few_token_experts,
+    few_tokens,
     per_expert_swiglu,
     reference_experts,
     route,
@@ -264,3 +268,28 @@ def test_per_expert_loop_matches_the_reference(models):
     np.testing.assert_allclose(
         per_expert_swiglu(cfg, x, routing, *w), reference_experts(x, routing, *w), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("models", ["group_limited"], indirect=True)
+def test_gpu_decode_paths_match_the_reference_without_control_flow(models):
+    """The GPU's decode-sized paths (`few_token_experts`: the chosen experts gathered, or
+    every expert weighted by its gate) = reference_experts; lowered for cuda, the routed sum
+    has no loop (each iteration is a round trip to the host on a GPU), where the CPU's has."""
+    _, cfg, moe_params = models
+    w = expert_weights(cfg)
+    for n in (1, 5, 40):
+        x = jnp.asarray(tokens(cfg, n=n, seed=n))
+        routing = route(cfg, x, moe_params["centroids"])
+        want = reference_experts(x, routing, *w)
+        np.testing.assert_allclose(all_experts_swiglu(x, routing, *w), want, atol=1e-5)
+        assert few_tokens(cfg, n)
+        lowered = {
+            platform: jax.export.export(
+                jax.jit(lambda x, r: few_token_experts(cfg, x, r, *w)), platforms=[platform]
+            )(x, routing).mlir_module()
+            for platform in ("cuda", "cpu")
+        }
+        assert "stablehlo.while" not in lowered["cuda"]
+        assert "stablehlo.while" in lowered["cpu"]  # the per-expert loop, or the tiled matmul
+        np.testing.assert_allclose(few_token_experts(cfg, x, routing, *w), want, atol=1e-5)
+    assert not few_tokens(cfg, GPU_ALL_EXPERTS_TOKENS + 1)

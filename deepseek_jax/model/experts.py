@@ -138,25 +138,34 @@ def _tgmm(lhs_mk, dout_mn, group_sizes_g, tile: int, groups: int):
     return _tile_loop(group_sizes_g, m, tile, groups, acc, tile_fn)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, tile: int):
     """[m, n]: each row times its group's matrix; rows past sum(group_sizes) are zero."""
+    # The backward is traced later, outside the caller's matmul-precision context: it gets
+    # the forward's precision (config.matmul_precision) explicitly.
+    precision = jax.config.jax_default_matmul_precision
+    return _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, tile, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, tile: int, precision: str | None):
     return _gmm(lhs_mk, rhs_gkn, group_sizes_g, tile, transpose_rhs=False)
 
 
-def _grouped_matmul_fwd(lhs_mk, rhs_gkn, group_sizes_g, tile):
-    return grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, tile), (lhs_mk, rhs_gkn, group_sizes_g)
+def _grouped_matmul_fwd(lhs_mk, rhs_gkn, group_sizes_g, tile, precision):
+    out = _grouped_matmul(lhs_mk, rhs_gkn, group_sizes_g, tile, precision)
+    return out, (lhs_mk, rhs_gkn, group_sizes_g)
 
 
-def _grouped_matmul_bwd(tile, residuals, dout_mn):
+def _grouped_matmul_bwd(tile, precision, residuals, dout_mn):
     lhs_mk, rhs_gkn, group_sizes_g = residuals
-    with jax.named_scope("experts"):  # the backward is traced outside the caller's scope
+    # named_scope too: the backward is traced outside the caller's scope.
+    with jax.named_scope("experts"), jax.default_matmul_precision(precision):
         dlhs = _gmm(dout_mn, rhs_gkn, group_sizes_g, tile, transpose_rhs=True)
         drhs = _tgmm(lhs_mk, dout_mn, group_sizes_g, tile, rhs_gkn.shape[0])
     return dlhs.astype(lhs_mk.dtype), drhs.astype(rhs_gkn.dtype), None
 
 
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def swiglu(x, w_gate, w_up, w_down):

@@ -8,10 +8,11 @@ A = N*K assignments.
     g_i = s_i if s_i in TopK(s, K) else 0,   s = softmax(h . e_i)     (21-22)
 
 This file holds the router, the balance losses and the single-device dispatch: dropless,
-every assignment computed by the grouped matmul of `experts.py` (or, for a few tokens, by a
-loop over the chosen experts). `reference_experts` is the plain, readable dispatch (one
-gather and einsum over assignments) that tests hold both fast paths to. The expert-parallel all-to-all dispatch
-lives in `deepseek_jax/parallel/expert.py`.
+every assignment computed by the grouped matmul of `experts.py`, or, for decode-sized
+batches, by `few_token_experts` (a loop over the chosen experts on the CPU; a gather of the
+chosen experts or every expert at once on a GPU). `reference_experts` is the plain, readable
+dispatch (one gather and einsum over assignments) that tests hold the fast paths to. The
+expert-parallel all-to-all dispatch lives in `deepseek_jax/parallel/expert.py`.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def reference_experts(x_ND, routing: Routing, w_gate_EDI, w_up_EDI, w_down_EID):
     """sum_k g_k * FFN_{e_k}(x), [N, D]: eq. (20)'s routed term read literally.
 
     Gathers each assignment's expert weights ([N, K, D, I]): memory grows with N * K, so this
-    is the reference the tests hold the fast paths to, not a path the model runs.
+    is the reference the tests hold the fast paths to, and the GPU's path only where the
+    gather moves fewer bytes than reading every expert (`few_token_experts`).
     """
     e_NK = routing.experts
     h = jax.nn.silu(jnp.einsum("ND,NKDI->NKI", x_ND, w_gate_EDI[e_NK]))
@@ -165,6 +167,53 @@ def per_expert_swiglu(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_
 
     with jax.named_scope("experts"):
         return jax.lax.fori_loop(0, e, expert, jnp.zeros_like(x_ND))
+
+
+def all_experts_swiglu(x_ND, routing: Routing, w_gate_EDI, w_up_EDI, w_down_EID):
+    """The same sum, every expert run on every token and weighted by its gate (0 where not
+    chosen): [N, D]. Reads each expert's weights once, in three plain batched matmuls."""
+    n, e = x_ND.shape[0], w_gate_EDI.shape[0]
+    gate_NE = jnp.zeros((n, e), jnp.float32)
+    gate_NE = gate_NE.at[jnp.arange(n)[:, None], routing.experts].add(routing.weights)
+    h_ENI = jax.nn.silu(jnp.einsum("ND,EDI->ENI", x_ND, w_gate_EDI))
+    h_ENI = h_ENI * jnp.einsum("ND,EDI->ENI", x_ND, w_up_EDI)
+    y_END = jnp.einsum("ENI,EID->END", h_ENI, w_down_EID)
+    return jnp.einsum("END,NE->ND", y_END, gate_NE.astype(y_END.dtype))
+
+
+# A GPU runs every expert on up to this many tokens (decode batches): reading the E experts'
+# weights bounds the step until N ~ the chip's FLOP/byte ridge (~200 for bf16 on an H100/H200).
+GPU_ALL_EXPERTS_TOKENS = 256
+
+
+def few_token_experts(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_down):
+    """The routed sum for decode-sized batches (few_tokens(cfg, N) holds), by platform.
+
+    At decode reading the weights is the cost. The CPU loops over the chosen experts
+    (`per_expert_swiglu`). On a GPU each loop iteration and branch is a round trip to the
+    host (a V2-Lite decode step at batch 1 spent 2 ms a layer in it on an H200), so one
+    program without control flow reads the fewest bytes it can: the chosen experts'
+    weights gathered (read and written once each) while 2 N K < E, every expert's (read
+    once) past that.
+    """
+    n, k = routing.experts.shape
+    args = (x_ND, routing, w_gate, w_up, w_down)
+
+    def cpu(*args):
+        if n * k <= cfg.n_routed_experts:
+            return per_expert_swiglu(cfg, *args)
+        return routed_experts(
+            x_ND, routing.experts, routing.weights, w_gate, w_up, w_down, cfg.kernels
+        )
+
+    gpu = reference_experts if 2 * n * k < cfg.n_routed_experts else all_experts_swiglu
+    return jax.lax.platform_dependent(*args, cuda=gpu, default=cpu)
+
+
+def few_tokens(cfg: ModelConfig, n: int) -> bool:
+    """Whether N tokens take `few_token_experts`: no more assignments than experts (the
+    CPU's per-expert loop pays there), or few enough that a GPU reads every expert."""
+    return n * cfg.num_experts_per_tok <= cfg.n_routed_experts or n <= GPU_ALL_EXPERTS_TOKENS
 
 
 @struct.dataclass
@@ -230,12 +279,11 @@ class MoE(nn.Module):
         if self.mesh is None:
             with jax.named_scope("router"):
                 routing = route(cfg, x_ND, centroids)
-            # No more assignments than experts (decode): the per-expert loop. Past that it
-            # runs N rows through each of up to E experts where the grouped matmul runs N K:
-            # against it, for `small` (E 32, K 4), 2x faster at 1 token, 1.2x at 8, 1.2x
-            # slower at 16 and 2.4x at 64 (A/B alternated on the shared CPU).
-            if b * t * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-                routed = per_expert_swiglu(cfg, x_ND, routing, w_gate, w_up, w_down)
+            # The CPU's per-expert loop, against the grouped matmul, for `small` (E 32, K 4):
+            # 2x faster at 1 token, 1.2x at 8, 1.2x slower at 16 and 2.4x at 64 (A/B
+            # alternated on the shared CPU), so it takes N K <= E.
+            if few_tokens(cfg, b * t):
+                routed = few_token_experts(cfg, x_ND, routing, w_gate, w_up, w_down)
             else:
                 routed = routed_experts(
                     x_ND, routing.experts, routing.weights, w_gate, w_up, w_down, cfg.kernels

@@ -26,7 +26,7 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from deepseek_jax.config import ModelConfig, resolve_dtype
+from deepseek_jax.config import ModelConfig, matmul_precision, resolve_dtype
 from deepseek_jax.errors import UserError
 from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
@@ -171,68 +171,69 @@ class DeepSeekV2(nn.Module):
         token_mask_BT=None,
     ) -> Output:
         cfg = resolve_dtype(self.cfg, self.mesh)  # "auto": bf16 for TPU/GPU, fp32 on the CPU
-        b, t = tokens_BT.shape
-        if t > cfg.max_position_embeddings:
-            raise UserError(
-                f"a sequence of {t} tokens is longer than max_position_embeddings="
-                f"{cfg.max_position_embeddings}: shorten it, or use a config with a longer "
-                "context (rope_scaling / YaRN)"
-            )
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=cfg.initializer_range), ("vocab", "embed")
-            ),
-            dtype=cfg.dtype,
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            name="embed",
-        )
-        x = embed(tokens_BT)
-        cos, sin = rope_cos_sin(cfg, positions_BT)
-
-        new_cache, moe_aux = {}, None
-        for key, moe, length in stacks(cfg):
-            cache_L = None if cache is None else cache[key]
-            args = (cos, sin, positions_BT, segment_ids_BT)
-            if self.scan_layers:
-                layers = stack(
-                    cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train
+        with jax.default_matmul_precision(matmul_precision(cfg)):
+            b, t = tokens_BT.shape
+            if t > cfg.max_position_embeddings:
+                raise UserError(
+                    f"a sequence of {t} tokens is longer than max_position_embeddings="
+                    f"{cfg.max_position_embeddings}: shorten it, or use a config with a longer "
+                    "context (rope_scaling / YaRN)"
                 )
-                x, (new_cache[key], aux) = layers(x, *args, cache_L, token_mask_BT)
-            else:
-                per_layer = []
-                for l in range(length):
-                    block = Block(cfg, moe, self.mesh, train, name=f"{key}_layers_{l}")
-                    cache_l = None if cache is None else cache_L[l]
-                    x, out = block(x, *args, cache_l, token_mask_BT)
-                    per_layer.append(out)
-                latents, auxes = zip(*per_layer, strict=True)
-                # One array a layer, not stacked: the decode loop carries them so, where a
-                # stack would copy the whole cache every step.
-                new_cache[key] = list(latents)
-                aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-            if moe:
-                moe_aux = aux
-
-        if logits_at_BK is not None:
-            x = jnp.take_along_axis(x, logits_at_BK[..., None], axis=1)  # BKD
-        x = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            head = self.param(
-                "lm_head",
-                nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=cfg.initializer_range), ("embed", "vocab")
+            if positions_BT is None:
+                positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+            embed = nn.Embed(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.initializer_range), ("vocab", "embed")
                 ),
-                (cfg.hidden_size, cfg.vocab_size),
-                jnp.dtype(cfg.param_dtype),
+                dtype=cfg.dtype,
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                name="embed",
             )
-            logits = x @ head.astype(cfg.dtype)
-        return Output(logits=logits, aux=summarize_aux(cfg, moe_aux), cache=new_cache)
+            x = embed(tokens_BT)
+            cos, sin = rope_cos_sin(cfg, positions_BT)
+
+            new_cache, moe_aux = {}, None
+            for key, moe, length in stacks(cfg):
+                cache_L = None if cache is None else cache[key]
+                args = (cos, sin, positions_BT, segment_ids_BT)
+                if self.scan_layers:
+                    layers = stack(
+                        cfg, moe, length, cache is not None, f"{key}_layers", self.mesh, train
+                    )
+                    x, (new_cache[key], aux) = layers(x, *args, cache_L, token_mask_BT)
+                else:
+                    per_layer = []
+                    for l in range(length):
+                        block = Block(cfg, moe, self.mesh, train, name=f"{key}_layers_{l}")
+                        cache_l = None if cache is None else cache_L[l]
+                        x, out = block(x, *args, cache_l, token_mask_BT)
+                        per_layer.append(out)
+                    latents, auxes = zip(*per_layer, strict=True)
+                    # One array a layer, not stacked: the decode loop carries them so, where a
+                    # stack would copy the whole cache every step.
+                    new_cache[key] = list(latents)
+                    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+                if moe:
+                    moe_aux = aux
+
+            if logits_at_BK is not None:
+                x = jnp.take_along_axis(x, logits_at_BK[..., None], axis=1)  # BKD
+            x = RMSNorm(cfg, name="final_norm")(x)
+            if cfg.tie_word_embeddings:
+                logits = embed.attend(x)
+            else:
+                head = self.param(
+                    "lm_head",
+                    nn.with_logical_partitioning(
+                        nn.initializers.normal(stddev=cfg.initializer_range), ("embed", "vocab")
+                    ),
+                    (cfg.hidden_size, cfg.vocab_size),
+                    jnp.dtype(cfg.param_dtype),
+                )
+                logits = x @ head.astype(cfg.dtype)
+            return Output(logits=logits, aux=summarize_aux(cfg, moe_aux), cache=new_cache)
 
 
 def stacks(cfg: ModelConfig) -> list[tuple[str, bool, int]]:
