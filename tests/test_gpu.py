@@ -4,8 +4,9 @@ paths they replace.
 
 The CPU suite checks what a CPU host can of the GPU paths (test_export.py: a cuda export
 carries ragged_all_to_all); cuDNN attention and the Mosaic GPU kernels trace only on a GPU
-host, so this file is where they are checked. fp32 comparisons run at "highest" matmul precision: the GPU's
-default rounds fp32 matmul inputs to TF32 (10 mantissa bits).
+host, so this file is where they are checked. The model at fp32 compute takes "highest"
+matmul precision itself (config.matmul_precision; a GPU's default rounds fp32 matmul inputs
+to TF32); its modules and kernels called directly are given it for their fp32 references.
 """
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import build_hf, hf_logits
+from test_kernels import CFG
 
 import deepseek_jax as dj
 from deepseek_jax.kernels.gmm import hopper_gmm
@@ -23,32 +25,8 @@ from deepseek_jax.model.rope import rope_cos_sin
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
-# V2's head dims (dn 128 + dr 64 for q/k, dv 128); expert widths of 128.
-CFG = dj.ModelConfig(
-    vocab_size=128,
-    hidden_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    q_lora_rank=None,
-    kv_lora_rank=64,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
-    intermediate_size=256,
-    moe_intermediate_size=128,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    topk_method="greedy",
-    n_group=1,
-    topk_group=1,
-    routed_scaling_factor=1.0,
-    first_k_dense_replace=1,
-    max_position_embeddings=512,
-    rope_scaling=None,
-    initializer_range=0.05,
-)
-B, T = 2, 256
+# test_kernels' model: V2's head dims (dn 128 + dr 64 for q/k, dv 128), expert widths of 128.
+B, T = 2, 256  # B T > moe.GPU_ALL_EXPERTS_TOKENS: the MoE layer takes the grouped matmul
 
 
 def test_logits_match_transformers_on_the_gpu(tmp_path):
@@ -59,8 +37,7 @@ def test_logits_match_transformers_on_the_gpu(tmp_path):
     cfg, params = dj.load_hf(tmp_path)
     cfg = cfg.replace(dtype="float32")
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 64))
-    with jax.default_matmul_precision("highest"):
-        ours = np.asarray(jax.jit(dj.DeepSeekV2(cfg).apply)({"params": params}, tokens).logits)
+    ours = np.asarray(jax.jit(dj.DeepSeekV2(cfg).apply)({"params": params}, tokens).logits)
     np.testing.assert_allclose(ours, hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
 
 
@@ -118,7 +95,7 @@ def test_hopper_grouped_matmul_equals_the_plain_one_values_and_grads():
 def test_hopper_experts_are_as_close_to_fp32_as_the_plain_bf16_path():
     """The routed experts through MoE under bf16: kernels='cuda' (the Mosaic GPU kernel, in
     the program) and 'plain', each against the fp32 plain result, values and gradients."""
-    x = jnp.asarray(np.random.RandomState(2).randn(B, 64, CFG.hidden_size).astype(np.float32))
+    x = jnp.asarray(np.random.RandomState(2).randn(B, T, CFG.hidden_size).astype(np.float32))
     params = jax.jit(MoE(CFG).init)(jax.random.key(3), x)["params"]
 
     def f(kernels, dtype):
@@ -144,8 +121,7 @@ def test_greedy_generation_on_the_gpu_equals_the_cpu():
     cfg = CFG.replace(dtype="float32")
     params = jax.jit(dj.init_params, static_argnums=0)(cfg, jax.random.key(4))
     prompts = np.random.RandomState(5).randint(0, cfg.vocab_size, (3, 12))
-    with jax.default_matmul_precision("highest"):
-        gpu = np.asarray(dj.generate(cfg, params, prompts, max_new_tokens=24))
+    gpu = np.asarray(dj.generate(cfg, params, prompts, max_new_tokens=24))
     with jax.default_device(jax.devices("cpu")[0]):
         cpu_params = jax.device_put(params, jax.devices("cpu")[0])
         cpu = np.asarray(dj.generate(cfg, cpu_params, prompts, max_new_tokens=24))
