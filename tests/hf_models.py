@@ -19,6 +19,18 @@ YARN = {
 }
 
 
+# 16 experts in 4 groups, each token's 3 experts from its top 2 groups, gates scaled by 2.5:
+# the group limit changes which experts win (topk_group 2 x 4 experts > K = 3).
+GROUP_LIMITED = dict(
+    topk_method="group_limited_greedy",
+    n_routed_experts=16,
+    n_group=4,
+    topk_group=2,
+    num_experts_per_tok=3,
+    routed_scaling_factor=2.5,
+)
+
+
 def hf_config(**overrides) -> transformers.DeepseekV2Config:
     fields = dict(
         vocab_size=96,

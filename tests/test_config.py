@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from hf_models import YARN, hf_config
+from hf_models import GROUP_LIMITED, YARN, hf_config
 
 from deepseek_jax import config, sizes
 from deepseek_jax.config import ModelConfig
@@ -42,15 +42,7 @@ def test_qk_dims_must_add_up():
 
 @pytest.mark.parametrize("rope", [None, YARN])
 def test_hf_round_trip(rope):
-    overrides = dict(
-        q_lora_rank=24,
-        topk_method="group_limited_greedy",
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=3,
-        routed_scaling_factor=2.5,
-    )
+    overrides = dict(q_lora_rank=24, **GROUP_LIMITED)
     if rope:
         overrides["rope_parameters"] = rope
     cfg = ModelConfig.from_hf(hf_config(**overrides).to_dict())

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import YARN, build_hf
+from hf_models import GROUP_LIMITED, YARN, build_hf
 
 import deepseek_jax as dj
 from deepseek_jax.generate.cache import (
@@ -159,14 +159,7 @@ def test_decode_logits_equal_full_forward(name):
 HF_VARIANTS = {
     "plain": dict(),
     "q_lora_yarn": dict(q_lora_rank=24, rope_parameters=YARN),
-    "group_limited": dict(
-        topk_method="group_limited_greedy",
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=3,
-        routed_scaling_factor=2.5,
-    ),
+    "group_limited": GROUP_LIMITED,
 }
 
 

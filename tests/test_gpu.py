@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import build_hf, hf_logits
+from hf_models import GROUP_LIMITED, build_hf, hf_logits
 from test_kernels import CFG
 
 import deepseek_jax as dj
@@ -30,10 +30,7 @@ B, T = 2, 256  # B T > moe.GPU_ALL_EXPERTS_TOKENS: the MoE layer takes the group
 
 
 def test_logits_match_transformers_on_the_gpu(tmp_path):
-    hf_model = build_hf(
-        tmp_path, topk_method="group_limited_greedy", n_routed_experts=16, n_group=4,
-        topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5,
-    )  # fmt: skip
+    hf_model = build_hf(tmp_path, **GROUP_LIMITED)
     cfg, params = dj.load_hf(tmp_path)
     cfg = cfg.replace(dtype="float32")
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 64))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import build_hf
+from hf_models import GROUP_LIMITED, build_hf
 
 import deepseek_jax as dj
 from deepseek_jax.model.experts import grouped_matmul, routed_experts, tile_rows
@@ -28,15 +28,7 @@ from deepseek_jax.parallel import hlo
 
 VARIANTS = {
     "greedy": dict(routed_scaling_factor=1.5),
-    # topk_group (2 groups of 4) < K=3 experts: the group limit changes which experts win.
-    "group_limited": dict(
-        topk_method="group_limited_greedy",
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=3,
-        routed_scaling_factor=2.5,
-    ),
+    "group_limited": GROUP_LIMITED,
 }
 
 

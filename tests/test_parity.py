@@ -3,22 +3,14 @@
 import numpy as np
 import pytest
 import transformers
-from hf_models import YARN, build_hf, hf_logits
+from hf_models import GROUP_LIMITED, YARN, build_hf, hf_logits
 
 import deepseek_jax as dj
 
 VARIANTS = {
     "plain_greedy": dict(),
     "q_lora": dict(q_lora_rank=24),
-    # topk_group (2 groups of 4) < K=3 experts: the group limit changes which experts win.
-    "group_limited_scaled": dict(
-        topk_method="group_limited_greedy",
-        n_routed_experts=16,
-        n_group=4,
-        topk_group=2,
-        num_experts_per_tok=3,
-        routed_scaling_factor=2.5,
-    ),
+    "group_limited_scaled": GROUP_LIMITED,
     # original context 16, T = 64: positions far past it exercise the YaRN ramp and mscale.
     "yarn_q_lora": dict(q_lora_rank=24, rope_parameters=YARN),
     "tied_two_dense": dict(tie_word_embeddings=True, first_k_dense_replace=2, n_shared_experts=2),
