@@ -11,8 +11,8 @@ layers x (r_kv + dr) numbers) and the weights its tokens touch (all but the rout
 plus the expected number of distinct experts the batch picks); roofline time = those bytes /
 HBM bandwidth. The kernels column is read from each compiled program: which Pallas kernels
 (splash attention, megablox gmm, the latent decode kernel), cuDNN attention or the Mosaic GPU
-grouped matmul it contains; "plain" when none. Goals (issue 16): decode >= 50% of the roofline at batch 1, MoE
-train-step MFU >= 35%.
+grouped matmul it contains; "plain" when none. Goals (issue 16): decode >= 50% of the
+roofline at batch 1, MoE train-step MFU >= 35%.
 """
 
 from __future__ import annotations

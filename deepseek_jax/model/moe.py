@@ -197,16 +197,14 @@ def few_token_experts(cfg: ModelConfig, x_ND, routing: Routing, w_gate, w_up, w_
     and written once each) while 2 N K < E, every expert's (read once) past that.
     """
     n, k = routing.experts.shape
-    args = (x_ND, routing, w_gate, w_up, w_down)
 
-    def cpu(*args):
+    def cpu(x_ND, routing, *weights):
         if n * k <= cfg.n_routed_experts:
-            return per_expert_swiglu(cfg, *args)
-        return routed_experts(
-            x_ND, routing.experts, routing.weights, w_gate, w_up, w_down, cfg.kernels
-        )
+            return per_expert_swiglu(cfg, x_ND, routing, *weights)
+        return routed_experts(x_ND, routing.experts, routing.weights, *weights, cfg.kernels)
 
     gpu = reference_experts if 2 * n * k < cfg.n_routed_experts else all_experts_swiglu
+    args = (x_ND, routing, w_gate, w_up, w_down)
     return jax.lax.platform_dependent(*args, cuda=gpu, default=cpu)
 
 

@@ -23,8 +23,8 @@ all-to-all result bytes and the expert dots' FLOPs, loop bodies times their trip
 `hlo.py`), the one exported for TPU for the ragged one (`exported_layer_cost`: its
 ragged_all_to_all result bytes); the tests hold the two within 10%. Fake CPU devices stand
 in for the mesh, so this runs on a laptop (and on a GPU/TPU host, where it asks for the CPU
-platform). A command-line tool over the model, the rules and
-the train step, so it imports them (none of them imports it).
+platform). A command-line tool over the model, the rules and the train step, so it imports
+them (none of them imports it).
 """
 
 from __future__ import annotations
