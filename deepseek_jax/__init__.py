@@ -3,7 +3,13 @@
 from deepseek_jax.checkpoint import load_checkpoint, load_hf, save_hf
 from deepseek_jax.config import ModelConfig, YarnConfig, preset
 from deepseek_jax.generate.loop import generate
-from deepseek_jax.model.transformer import DeepSeekV2, Output, init_cache, init_params
+from deepseek_jax.model.transformer import (
+    DeepSeekV2,
+    Output,
+    init_cache,
+    init_params,
+    unstack_params,
+)
 from deepseek_jax.parallel.mesh import make_mesh
 from deepseek_jax.parallel.placement import shard_params
 
@@ -21,4 +27,5 @@ __all__ = [
     "preset",
     "save_hf",
     "shard_params",
+    "unstack_params",
 ]

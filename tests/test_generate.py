@@ -12,6 +12,7 @@ import torch
 from hf_models import GROUP_LIMITED, YARN, build_hf
 
 import deepseek_jax as dj
+from deepseek_jax.cli.sample import split_layers
 from deepseek_jax.generate.cache import (
     expanded_bytes_per_token,
     latent_bytes_per_token,
@@ -318,3 +319,56 @@ def test_greedy_argmax_is_jnp_argmax():
     rows[4, 5] = np.inf
     logits = jnp.asarray(rows)
     np.testing.assert_array_equal(argmax(logits), jnp.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("name", ["plain", "tied_two_dense"])
+def test_per_layer_params_sample_the_same_without_a_second_copy(name):
+    """Params split once (`unstack_params`) give the stacked params' tokens and log-probs, and
+    the compiled call holds no second copy of the layer weights: its temp buffers are under a
+    quarter of them, the stacked call's larger by over half of them (the copy; a stack of
+    one layer needs none)."""
+    cfg, params = random_params(name)
+    layer_params = jax.jit(dj.unstack_params, static_argnums=0)(cfg, params)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    stacked = dj.generate(cfg, params, prompts, 9, temperature=0.8, return_logprobs=True)
+    split = dj.generate(cfg, layer_params, prompts, 9, temperature=0.8, return_logprobs=True)
+    np.testing.assert_array_equal(split[0], stacked[0])
+    np.testing.assert_allclose(split[1], stacked[1], atol=1e-5)
+
+    layer_bytes = sum(
+        x.nbytes
+        for key, tree in params.items()
+        if key.endswith("_layers")
+        for x in jax.tree.leaves(tree)
+    )
+    tokens, lengths = pad_prompts(cfg, prompts, 9)
+
+    def temp_bytes(tree):
+        compiled = generate_padded.lower(
+            tree, tokens, lengths, jax.random.key(0), cfg=cfg, max_new_tokens=9
+        ).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    split_temp, stacked_temp = temp_bytes(layer_params), temp_bytes(params)
+    assert split_temp < layer_bytes / 4
+    assert stacked_temp - split_temp > layer_bytes / 2
+
+
+def test_per_layer_params_are_refused_on_a_mesh():
+    cfg, params = random_params("plain")
+    layer_params = dj.unstack_params(cfg, params)
+    with pytest.raises(ValueError, match="per-layer params .* one device only"):
+        dj.generate(cfg, layer_params, [[1, 2]], 3, mesh=dj.make_mesh())
+
+
+def test_sample_py_splits_the_layers_freeing_each_stack():
+    """deepseek-jax-sample on one device splits the params as `unstack_params` does and frees
+    each stacked array as it goes (the peak: one stacked array more, not the layers twice)."""
+    cfg, params = random_params("tied_two_dense")
+    mine = jax.tree.map(jnp.copy, params)
+    split = split_layers(cfg, mine)
+    jax.tree.map(np.testing.assert_array_equal, split, unstack_params(cfg, params))
+    stacked = [
+        x for key, tree in mine.items() if key.endswith("_layers") for x in jax.tree.leaves(tree)
+    ]
+    assert stacked and all(x.is_deleted() for x in stacked)

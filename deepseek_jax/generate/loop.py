@@ -13,6 +13,13 @@ len_b + i - 1 and writes its latent at that slot (slot index == position), so th
 slots of a short row are overwritten before they are ever attended to. Decode runs MLA's
 absorbed form over the latent cache inside one `lax.while_loop`: no Python per token.
 
+The decode loop runs the layers one by one on per-layer params (`unstack_params`): given the
+stacked params of training and checkpoints, `generate` splits them inside the compiled
+program, a second copy of every layer's weights for the length of the call. To sample with
+one copy, split them once and drop the stacked tree:
+`params = dj.unstack_params(cfg, params)`; `generate` then runs prefill and decode on them
+as they are (one device: the mesh path places only the stacked tree).
+
 With a `mesh` (the training mesh), generation runs on params where they lie: prompts and the
 cache are split on the batch by `deepseek_jax.parallel.rules` (the batch padded to divide
 the token axes, generate/batch.py) and the MoE dispatches over the "expert" axis, so GRPO
@@ -31,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig, resolve_dtype
+from deepseek_jax.errors import UserError
 from deepseek_jax.generate import batch
 from deepseek_jax.generate.cache import write_prefix
 from deepseek_jax.generate.sampling import check_settings, sample, sampled_logprobs
@@ -106,11 +114,18 @@ def prefill(
     the prompts' latents."""
     b, p = tokens_BP.shape
     cfg = resolve_dtype(cfg, mesh)  # the cache's dtype too
-    out = DeepSeekV2(cfg, mesh=moe_mesh(mesh, b)).apply(
+    stacked = not split_by_layer(params)
+    out = DeepSeekV2(cfg, mesh=moe_mesh(mesh, b), scan_layers=stacked).apply(
         {"params": params}, tokens_BP, logits_at_BK=(lengths_B - 1)[:, None]
     )
-    cache = write_prefix(init_cache(cfg, b, cache_len), out.cache)
+    latents = {key: v if stacked else jnp.stack(v) for key, v in out.cache.items()}
+    cache = write_prefix(init_cache(cfg, b, cache_len), latents)
     return out.logits[:, 0], place_cache(mesh, cache)
+
+
+def split_by_layer(params: dict) -> bool:
+    """Whether `params` are per layer (`unstack_params`) rather than stacked [L, ...]."""
+    return not any(key.endswith("_layers") for key in params)
 
 
 def cache_slots(cfg: ModelConfig, length: int) -> int:
@@ -217,7 +232,7 @@ def generate_padded(
         i, _, _, _, done_B, _ = state
         return (i < n) & ~jnp.all(done_B)
 
-    layer_params = unstack_params(cfg, params)
+    layer_params = params if split_by_layer(params) else unstack_params(cfg, params)
 
     def step(state):
         i, out_BN, logp_BN, last_B, done_B, cache = state
@@ -263,8 +278,15 @@ def generate(
     `stream(step, tokens_B)` runs on the host as the tokens of each step are made; it is part
     of the compiled program, so pass the same function each call to avoid a recompile.
     `mesh`: run on that mesh with `params` where they lie (placed by `placement.param_shardings`).
+    `params` stacked, as training and checkpoints hold them, or per layer (`unstack_params`,
+    one device only): then the call holds no second copy of the weights (module docstring).
     """
     check_settings(temperature, top_k, top_p, max_new_tokens)
+    if mesh is not None and split_by_layer(params):
+        raise UserError(
+            "per-layer params (unstack_params) run on one device only: on a mesh, pass the "
+            "stacked params (placement.shard_params places them)"
+        )
     if eos is not None and not 0 <= eos < cfg.vocab_size:
         raise ValueError(f"eos={eos}: outside the vocabulary [0, {cfg.vocab_size})")
     tokens_BP, lengths_B = pad_prompts(cfg, prompts, max_new_tokens)
