@@ -237,7 +237,8 @@ def test_mesh_and_rules_errors():
 
 def test_generate_on_the_mesh_matches_single_device(setup):
     """Greedy generation with params sharded on (data 2, expert 4): the same tokens as on one
-    device, with the batch split (8 rows) and padded to the mesh (3 rows -> 8)."""
+    device, with the batch split (8 rows) and padded to the mesh (3 rows -> 8). Per-layer
+    params, which the rules do not place, are refused there in one line."""
     params, tokens = setup
     mesh = dj.make_mesh(**MESHES["data2_expert4"])
     placed = dj.shard_params(CFG, params, mesh)
@@ -245,6 +246,8 @@ def test_generate_on_the_mesh_matches_single_device(setup):
         plain = dj.generate(CFG, params, prompts, max_new_tokens=6)
         sharded = dj.generate(CFG, placed, prompts, max_new_tokens=6, mesh=mesh)
         np.testing.assert_array_equal(sharded, plain)
+    with pytest.raises(UserError, match="not a mesh of 8: pass the stacked params"):
+        dj.generate(CFG, dj.unstack_params(CFG, params), tokens[:, :5], 6, mesh=mesh)
 
 
 def test_generation_on_a_dropping_config_does_not_depend_on_the_batch(setup):

@@ -18,7 +18,7 @@ stacked params of training and checkpoints, `generate` splits them inside the co
 program, a second copy of every layer's weights for the length of the call. To sample with
 one copy, split them once and drop the stacked tree:
 `params = dj.unstack_params(cfg, params)`; `generate` then runs prefill and decode on them
-as they are (one device: the mesh path places only the stacked tree).
+as they are (one device, or a mesh of one: `placement` places only the stacked tree).
 
 With a `mesh` (the training mesh), generation runs on params where they lie: prompts and the
 cache are split on the batch by `deepseek_jax.parallel.rules` (the batch padded to divide
@@ -279,20 +279,22 @@ def generate(
     of the compiled program, so pass the same function each call to avoid a recompile.
     `mesh`: run on that mesh with `params` where they lie (placed by `placement.param_shardings`).
     `params` stacked, as training and checkpoints hold them, or per layer (`unstack_params`,
-    one device only): then the call holds no second copy of the weights (module docstring).
+    one device or a mesh of one): then the call holds no second copy of the weights (module
+    docstring).
     """
     check_settings(temperature, top_k, top_p, max_new_tokens)
-    if mesh is not None and split_by_layer(params):
+    split = split_by_layer(params)
+    if split and mesh is not None and mesh.size > 1:
         raise UserError(
-            "per-layer params (unstack_params) run on one device only: on a mesh, pass the "
-            "stacked params (placement.shard_params places them)"
+            f"per-layer params (unstack_params) run on one device, not a mesh of {mesh.size}: "
+            "pass the stacked params (placement.shard_params places them)"
         )
     if eos is not None and not 0 <= eos < cfg.vocab_size:
         raise ValueError(f"eos={eos}: outside the vocabulary [0, {cfg.vocab_size})")
     tokens_BP, lengths_B = pad_prompts(cfg, prompts, max_new_tokens)
     b = len(lengths_B)  # rows past b pad the batch to the mesh (generate/batch.py)
     tokens_BP, lengths_B = batch.pad_rows(mesh, tokens_BP, lengths_B)
-    if mesh is not None:  # a no-op for params already placed by the rules (a training state)
+    if mesh is not None and not split:  # a no-op for params placed by the rules (training)
         params = placement.shard_params(cfg, params, mesh)
     out = generate_padded(
         params,
