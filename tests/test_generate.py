@@ -12,7 +12,6 @@ import torch
 from hf_models import GROUP_LIMITED, YARN, build_hf
 
 import deepseek_jax as dj
-from deepseek_jax.cli.sample import split_layers
 from deepseek_jax.generate.cache import (
     expanded_bytes_per_token,
     latent_bytes_per_token,
@@ -365,14 +364,15 @@ def test_per_layer_params_run_on_a_mesh_of_one_and_are_refused_on_more():
     )
 
 
-def test_sample_py_splits_the_layers_freeing_each_stack():
-    """deepseek-jax-sample on one device splits the params as `unstack_params` does and frees
-    each stacked array as it goes (the peak: one stacked array more, not the layers twice)."""
+def test_unstack_params_can_delete_each_stack_once_split():
+    """delete=True (deepseek-jax-sample on one device, the sample notebook) splits as the
+    default does and deletes every stacked array: the peak is one stacked array more, not
+    the layers twice."""
     cfg, params = random_params("tied_two_dense")
     mine = jax.tree.map(jnp.copy, params)
-    split = split_layers(cfg, mine)
+    split = unstack_params(cfg, mine, delete=True)
     jax.tree.map(np.testing.assert_array_equal, split, unstack_params(cfg, params))
     stacked = [
-        x for key, tree in mine.items() if key.endswith("_layers") for x in jax.tree.leaves(tree)
+        x for k, tree in mine.items() if k.endswith("_layers") for x in jax.tree.leaves(tree)
     ]
     assert stacked and all(x.is_deleted() for x in stacked)

@@ -28,7 +28,6 @@ from deepseek_jax.cli.parser import Parser
 from deepseek_jax.data.tokenizers import ByteTokenizer, TextStream, load_tokenizer
 from deepseek_jax.errors import UserError, report_errors
 from deepseek_jax.generate.cache import describe
-from deepseek_jax.model.transformer import stacks
 from deepseek_jax.parallel.mesh import parse_mesh
 
 PROG = "deepseek-jax-sample"
@@ -93,24 +92,8 @@ def load(args):
             "the 256 bytes: copy the tokenizer files of the model it came from beside it"
         )
     if mesh is None:  # one device: generate on per-layer params, one copy of the weights
-        params = split_layers(cfg, params)
+        params = dj.unstack_params(cfg, params, delete=True)
     return cfg, params, tokenizer, mesh
-
-
-def split_layers(cfg: dj.ModelConfig, params: dict) -> dict:
-    """`dj.unstack_params`, deleting each stacked array once it is split: the peak is the
-    params plus their largest stacked array, not twice the layers' (V2-Lite in bf16: 8.9 GiB,
-    not 28.5 GiB)."""
-    split = {key: tree for key, tree in params.items() if not key.endswith("_layers")}
-    for key, _, length in stacks(cfg):
-        leaves, treedef = jax.tree.flatten(params[f"{key}_layers"])
-        per_leaf = []
-        for stacked in leaves:
-            per_leaf.append([stacked[l] for l in range(length)])
-            stacked.delete()
-        for l in range(length):
-            split[f"{key}_layers_{l}"] = treedef.unflatten([layers[l] for layers in per_leaf])
-    return split
 
 
 @report_errors(PROG)
