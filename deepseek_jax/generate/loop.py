@@ -16,9 +16,10 @@ absorbed form over the latent cache inside one `lax.while_loop`: no Python per t
 The decode loop runs the layers one by one on per-layer params (`unstack_params`): given the
 stacked params of training and checkpoints, `generate` splits them inside the compiled
 program, a second copy of every layer's weights for the length of the call. To sample with
-one copy, split them once and drop the stacked tree:
-`params = dj.unstack_params(cfg, params)`; `generate` then runs prefill and decode on them
-as they are (one device, or a mesh of one: `placement` places only the stacked tree).
+one copy, split them once, deleting the stacked arrays as they go:
+`params = dj.unstack_params(cfg, params, delete=True)`; `generate` then runs prefill and
+decode on them as they are (one device, or a mesh of one: `placement` places only the
+stacked tree).
 
 With a `mesh` (the training mesh), generation runs on params where they lie: prompts and the
 cache are split on the batch by `deepseek_jax.parallel.rules` (the batch padded to divide

@@ -248,7 +248,7 @@ def unstack_params(cfg: ModelConfig, params: dict, delete: bool = False) -> dict
 
     delete: delete each stacked array once it is split (`params` unusable after), so that the
     peak is the params plus their largest stacked array, not the layers twice (V2-Lite in bf16:
-    8.9 GiB more, not 28.5 GiB). Eager arrays only.
+    8.9 GiB more, not 28.5 GiB). jax.Arrays only, outside jit.
     """
     flat = {k: v for k, v in params.items() if not k.endswith("_layers")}
     for key, _, length in stacks(cfg):
