@@ -5,7 +5,8 @@
 
 Our layer stack runs unrolled by default (`scan_unroll` = the layer count, as
 configs/default.py runs `tiny`): on XLA:CPU a rolled `nn.scan` copies each layer's weights out
-of the stacked arrays and writes its residuals into zero-filled stacks, ~8-12% of these steps.
+of the stacked arrays and writes its residuals into zero-filled stacks: 6-14% of these
+steps (README, "Measured figures").
 Same weights (ours written with save_hf, read by `from_pretrained`), same batch, same
 optimizer settings, one process. PyTorch runs with transformers' defaults (SDPA attention,
 grouped_mm experts, as `from_pretrained` picks them; the line printed names them). Each step
